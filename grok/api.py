@@ -1,0 +1,146 @@
+"""`Grok`: a loaded model on a device mesh, the library's entry point."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from grok import checkpoint, model, sharding
+from grok.config import GrokConfig, resolve_config
+from grok.generate import Completion, Generator
+from grok.quant import is_quantized, map_params
+from grok.tokenizer import Tokenizer
+
+
+def _round_embeddings(params: dict) -> dict:
+    """Stores the embedding table as bf16, the dtype the release computes with at every use
+    (lookup and tied output): same numbers, half the memory, no per-step conversion."""
+    def convert(path, value):
+        if path.endswith("in_out_embed/embeddings") and not is_quantized(value):
+            return jax.jit(lambda x: x.astype(jnp.bfloat16),
+                           out_shardings=value.sharding)(value)
+        return value
+    return map_params(convert, params)
+
+
+class Grok:
+    """A Grok-architecture model with its parameters placed on a (data, model) mesh."""
+
+    def __init__(self, config: GrokConfig, params: dict, mesh: Mesh,
+                 tokenizer: Tokenizer | None = None, moe_strategy: str = "dense"):
+        self.config = config
+        self.params = params
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.model = model.build(config, moe_strategy)
+        self.generator = Generator(self)
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
+             tokenizer_path: str | os.PathLike | None = None,
+             mesh_shape: tuple[int, int] | None = None, progress: bool | None = None) -> Grok:
+        """Reads a checkpoint in the released format onto a new mesh.
+
+        `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
+        or a JSON path; `mesh_shape` is (data, model), default all devices on `model`.
+        """
+        config = resolve_config(config)
+        tokenizer = None if tokenizer_path is None else Tokenizer.from_config(tokenizer_path,
+                                                                              config)
+        mesh = sharding.make_mesh(mesh_shape)
+        sharding.check_mesh(config, mesh)
+        params = checkpoint.load_checkpoint(
+            checkpoint_dir, model.abstract_params(config),
+            lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
+            progress=progress)
+        return cls(config, _round_embeddings(params), mesh, tokenizer)
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: pass tokenizer_path to Grok.load, "
+                             "or give prompts as token-id lists")
+        return self.tokenizer
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """The tokens as an int32 [B, T] array, or a ValueError saying what is wrong."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [batch, time] array, "
+                             f"got shape {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        vocab = self.config.vocab_size
+        bad = (arr < 0) | (arr >= vocab)
+        if bad.any():
+            raise ValueError(f"token id {arr[bad][0]} is outside [0, vocab_size={vocab})")
+        if arr.shape[1] > self.config.sequence_len:
+            raise ValueError(f"{arr.shape[1]} tokens exceed the context of "
+                             f"sequence_len={self.config.sequence_len}")
+        return arr.astype(np.int32)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
+        tokens = self.check_tokens(tokens)
+        batch = tokens.shape[0]
+        rows = sharding.padded_batch(self.mesh, batch)
+        padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
+        padded[:batch] = tokens
+        placed = jax.device_put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
+        out = self._forward(self.params, placed)
+        return np.asarray(out[:batch], dtype=np.float32)
+
+    @functools.cached_property
+    def _forward(self):
+        return jax.jit(lambda params, tokens: self.model.apply(params, tokens)[0])
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 100,
+                 temperature: float = 0.01, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | Sequence[int] = 42, stop: str | Sequence[str] | None = None,
+                 allowed_tokens: Sequence[int] | None = None
+                 ) -> Completion | list[Completion]:
+        """Samples continuations of one prompt or a batch of them (decoded together).
+
+        A prompt is a string (needs the tokenizer) or a list of token ids. Defaults are the
+        release's (100 tokens, temperature 0.01, top_p 1, seed 42); temperature 0 is greedy;
+        top_k 0 is off. Each row stops at EOS, at a stop string, or after max_new_tokens.
+        One prompt in gives one `Completion` out; a list gives a list, in prompt order.
+        """
+        single, batch = _as_batch(prompts)
+        for _ in self.generator.run(batch, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, stop=stop, allowed_tokens=allowed_tokens):
+            pass
+        out = self.generator.completions
+        return out[0] if single else out
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], **settings
+               ) -> Iterator[str] | Iterator[tuple[int, str]]:
+        """Like `generate`, yielding text as it is produced: strings for one prompt,
+        (prompt index, text) pairs for a list. The completions are in
+        `self.generator.completions` afterwards."""
+        single, batch = _as_batch(prompts)
+        for index, piece, _ in self.generator.run(batch, **{**_GENERATE_DEFAULTS, **settings}):
+            if piece:
+                yield piece if single else (index, piece)
+
+
+Prompt = str | Sequence[int]
+_GENERATE_DEFAULTS = {k: v.default for k, v in inspect.signature(Grok.generate).parameters.items()
+                      if v.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _as_batch(prompts) -> tuple[bool, list]:
+    """(True, [prompt]) for one prompt (a string or a list of ints), else (False, list)."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
+                                    and all(isinstance(t, (int, np.integer)) for t in prompts)):
+        return True, [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+        return True, [prompts.tolist()]
+    return False, list(prompts)

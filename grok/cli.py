@@ -1,0 +1,136 @@
+"""Command line: sample from a checkpoint, streaming text or printing JSON lines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from grok.api import Grok
+from grok.config import PRESETS
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO / "checkpoints"
+DEFAULT_TOKENIZER = REPO / "tokenizer" / "tokenizer.model"
+DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        raise UsageError(message)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _mesh(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"--mesh must be DATAxMODEL, e.g. 1x8, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Sample text from a Grok-1 checkpoint.")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="folder holding ckpt-0, or ckpt-0 itself (default: %(default)s)")
+    p.add_argument("--config", default="grok-1",
+                   help=f"preset ({', '.join(PRESETS)}) or JSON path (default: %(default)s)")
+    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                   help="SentencePiece model (default: %(default)s)")
+    p.add_argument("--mesh", type=_mesh, help="DATAxMODEL devices (default: 1xALL)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.01, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 is off")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of streaming text")
+    return p
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise ValueError(f"--prompt-file {str(args.prompt_file)!r} does not exist")
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line]
+    return prompts or [DEFAULT_PROMPT]
+
+
+def _check_paths(args) -> None:
+    ckpt = args.checkpoint
+    if not (ckpt / "ckpt-0").is_dir() and not (ckpt.name == "ckpt-0" and ckpt.is_dir()):
+        raise ValueError(
+            f"no checkpoint at {str(ckpt)!r}: put the released ckpt-0/ folder (770 tensor "
+            f"files, about 318 GB) in {str(DEFAULT_CHECKPOINT)!r} or pass --checkpoint; "
+            f"checkpoints/README.md says how to download it")
+    if not args.tokenizer.is_file():
+        raise ValueError(
+            f"no tokenizer at {str(args.tokenizer)!r}: put the released tokenizer.model there "
+            f"or pass --tokenizer; tokenizer/README.md says where to get it")
+
+
+def _run(args, out, err) -> None:
+    prompts = _prompts(args)
+    _check_paths(args)
+    start = time.perf_counter()
+    grok = Grok.load(args.checkpoint, args.config, tokenizer_path=args.tokenizer,
+                     mesh_shape=args.mesh)
+    print(f"loaded in {time.perf_counter() - start:.1f} s on a "
+          f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                    allowed_tokens=None)
+    events = grok.generator.run(prompts, **settings)
+    if args.json:
+        for _ in events:
+            pass
+        for completion in grok.generator.completions:
+            out.write(json.dumps(completion.to_json(), ensure_ascii=False) + "\n")
+    else:
+        _stream_in_order(events, prompts, out)
+    s = grok.generator.stats
+    rate = s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else float("nan")
+    print(f"compile {s['compile_s']:.1f} s, prefill {s['prefill_s']:.2f} s "
+          f"({s['prefill_tokens']} tokens), decode {rate:.1f} tokens/s "
+          f"({s['decode_tokens']} tokens)", file=err)
+
+
+def _stream_in_order(events, prompts: list[str], out) -> None:
+    """Writes each prompt's text as it arrives, prompts in order: the first streams live,
+    later ones wait in a buffer until the ones before them are done."""
+    pending: dict[int, list] = {i: [] for i in range(len(prompts))}  # None: row finished
+    current, headed = 0, -1
+    for index, piece, done in events:
+        pending[index] += [piece, None] if done else [piece]
+        while current < len(prompts) and pending[current]:
+            if len(prompts) > 1 and headed < current:
+                out.write(f"--- prompt {current}: {prompts[current]}\n")
+                headed = current
+            item = pending[current].pop(0)
+            if item is None:
+                out.write("\n")
+                current += 1
+            else:
+                out.write(item)
+        out.flush()
+
+
+def main(argv: list[str] | None = None, out=None, err=None) -> int:
+    """Runs the command line; returns the exit code (2 for any input error)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+        _run(args, out, err)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=err)
+        return 2
+    return 0
+

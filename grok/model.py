@@ -1,0 +1,283 @@
+"""Grok-1's forward pass as Haiku modules, with the release's parameter names and numerics.
+
+Shape letters (used in comments and einsum specs):
+  B batch            T new tokens (query time)    S cache slots (key time)
+  D model width      H query heads                K key/value heads
+  R query heads per key/value head (H = K * R)    C head width (key_size)
+  E experts          X experts chosen per token   F expert width (ffn_size)
+  V vocabulary       N tokens of a flattened batch (B * T)
+
+Numerics follow the release: activations in bf16; norms, RoPE phases, the router and the
+attention softmax in float32. Weights are used in their own dtype: 8-bit weights are
+dequantised to bf16 inside the computation that uses them, float arrays are used as given
+(hold bf16-representable values in them, as `Grok.load` does, to reproduce the release).
+Parameter paths (`language_model/in_out_embed`, `transformer/decoder_layer_{i}/...`) are
+the release's, so its checkpoint loads into this tree unchanged.
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok import moe
+from grok.config import ATTN_SOFT_CAP, RMS_NORM_EPS, ROPE_BASE, GrokConfig
+from grok.kv_cache import KVCache, LayerCache, write_rows
+from grok.quant import QuantizedWeight8bit, map_params, qdot, release_groups
+
+ACT_DTYPE = jnp.bfloat16  # the release's "fprop dtype"
+MASK_VALUE = -1e30  # logit of a masked key, as in the release
+
+
+def _fan_in_init(shape, dtype):
+    """Truncated normal with std 1/sqrt(fan_in); only used to make random test models."""
+    std = 1.0 / np.sqrt(shape[-2])
+    return hk.initializers.TruncatedNormal(stddev=std)(shape, dtype)
+
+
+class RMSNorm(hk.Module):
+    def __call__(self, x):  # [..., D]
+        scale = hk.get_parameter("scale", (x.shape[-1],), jnp.float32, init=jnp.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                     + RMS_NORM_EPS)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(hk.Module):
+    """`x @ w` with w [in, out], 8-bit or float; no bias (the release has none)."""
+
+    def __init__(self, output_size: int, name: str):
+        super().__init__(name=name)
+        self.output_size = output_size
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        w = hk.get_parameter("w", (x.shape[-1], self.output_size), jnp.float32,
+                             init=_fan_in_init)
+        return qdot("...i,io->...o", x, w)
+
+
+class _Weight(hk.Module):
+    """A bare parameter `w` under its own module name (the release's expert weight paths)."""
+
+    def __init__(self, shape: tuple[int, ...], name: str):
+        super().__init__(name=name)
+        self.shape = shape
+
+    def __call__(self):
+        return hk.get_parameter("w", self.shape, jnp.float32, init=_fan_in_init)
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the last axis (the "rotate half" RoPE convention)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions):
+    """RoPE over the full head width, in float32, back to x's dtype.
+
+    x: [B, T, heads, C]; positions: [B, T] (absolute, so cached decoding continues them).
+    """
+    c = x.shape[-1]
+    inv_freq = 1.0 / (ROPE_BASE ** (jnp.arange(0, c, 2, dtype=jnp.float32) / c))  # [C/2]
+    phase = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, C/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]  # [B, T, 1, C]
+    out = x * jnp.cos(phase) + rotate_half(x) * jnp.sin(phase)
+    return out.astype(x.dtype)
+
+
+def soft_cap(logits, cap: float = ATTN_SOFT_CAP):
+    return cap * jnp.tanh(logits / cap)
+
+
+class Attention(hk.Module):
+    """Grouped-query attention: query head h reads key/value head h // R."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="multi_head_attention")
+        self.config = config
+
+    def __call__(self, x, positions, key_mask, kv: LayerCache | None, starts):
+        """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
+
+        Without a cache the keys are the T new tokens (S = T). With one, the new keys and
+        values are written at slot `starts[b]` of each row and all S slots are attended.
+        """
+        cfg = self.config
+        b, t, _ = x.shape
+        k_heads, r, c = cfg.num_kv_heads, cfg.q_per_kv, cfg.key_size
+        q = Linear(cfg.num_q_heads * c, name="query")(x).reshape(b, t, k_heads * r, c)
+        k = Linear(k_heads * c, name="key")(x).reshape(b, t, k_heads, c)
+        v = Linear(k_heads * c, name="value")(x).reshape(b, t, k_heads, c)
+        q = apply_rope(q, positions)  # [B, T, H, C]
+        k = apply_rope(k, positions)  # [B, T, K, C]
+
+        if kv is not None:
+            kv = LayerCache(write_rows(kv.k, k, starts), write_rows(kv.v, v, starts))
+            k, v = kv.k, kv.v  # [B, S, K, C]
+
+        q = q.reshape(b, t, k_heads, r, c)
+        logits = jnp.einsum("btkrc,bskc->bkrts", q, k, preferred_element_type=jnp.float32)
+        logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
+        logits = soft_cap(logits * cfg.attn_output_multiplier)
+        logits = jnp.where(key_mask[:, None, None, :, :], logits, MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
+        out = jnp.einsum("bkrts,bskc->btkrc", weights, v, preferred_element_type=jnp.float32)
+        out = out.astype(ACT_DTYPE).reshape(b, t, cfg.emb_size)
+        return Linear(cfg.emb_size, name="linear")(out), kv
+
+
+class MoE(hk.Module):
+    """Softmax router over E experts, top-X by probability, GELU-gated expert FFNs.
+
+    The gates are the raw softmax probabilities of the chosen experts (not renormalised).
+    """
+
+    def __init__(self, config: GrokConfig, strategy: str):
+        super().__init__(name="moe")
+        self.config = config
+        self.strategy = strategy
+
+    def __call__(self, x, router_w):  # x [B, T, D]
+        cfg = self.config
+        e, d, f = cfg.num_experts, cfg.emb_size, cfg.ffn_size
+        w_gelu = _Weight((e, d, f), name="linear")()
+        w_up = _Weight((e, d, f), name="linear_v")()
+        w_down = _Weight((e, f, d), name="linear_1")()
+        b, t, _ = x.shape
+        tokens = x.reshape(b * t, d)  # [N, D]
+        router_logits = jnp.dot(tokens.astype(jnp.float32), router_w.astype(jnp.float32),
+                                precision=jax.lax.Precision.HIGHEST)  # [N, E]
+        probs = jax.nn.softmax(router_logits, axis=-1)
+        gates, chosen = jax.lax.top_k(probs, cfg.num_selected_experts)  # [N, X]
+        out = moe.dispatch(self.strategy, tokens, gates, chosen, w_gelu, w_up, w_down)
+        return out.reshape(b, t, d)
+
+
+class DecoderLayer(hk.Module):
+    def __init__(self, config: GrokConfig, index: int, moe_strategy: str):
+        super().__init__(name=f"decoder_layer_{index}")
+        self.config = config
+        self.moe_strategy = moe_strategy
+
+    def __call__(self, h, positions, key_mask, kv, starts):  # h [B, T, D]
+        cfg = self.config
+        a, kv = Attention(cfg)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, starts)
+        h = h + RMSNorm(name="rms_norm_1")(a)
+        router_w = _Weight((cfg.emb_size, cfg.num_experts), name="router")()
+        m = MoE(cfg, self.moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w)
+        return h + RMSNorm(name="rms_norm_3")(m), kv
+
+
+class Transformer(hk.Module):
+    """The decoder stack (module path `transformer`)."""
+
+    def __init__(self, config: GrokConfig, moe_strategy: str):
+        super().__init__(name="transformer")
+        self.config = config
+        self.moe_strategy = moe_strategy
+
+    def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
+        new_layers = []
+        for i in range(self.config.num_layers):
+            kv = None if cache is None else cache.layers[i]
+            h, kv = DecoderLayer(self.config, i, self.moe_strategy)(
+                h, positions, key_mask, kv, starts)
+            new_layers.append(kv)
+        return h, new_layers
+
+
+class InOutEmbed(hk.Module):
+    """The tied embedding: rows in, transpose out."""
+
+    def __init__(self, config: GrokConfig):
+        super().__init__(name="in_out_embed")
+        self.config = config
+
+    def _table(self):
+        cfg = self.config
+        return hk.get_parameter("embeddings", (cfg.vocab_size, cfg.emb_size), jnp.float32,
+                                init=hk.initializers.TruncatedNormal(1.0))
+
+    def embed(self, tokens):  # [B, T] -> [B, T, D]
+        return jnp.take(self._table(), tokens, axis=0).astype(ACT_DTYPE)
+
+    def decode(self, h):  # [B, T, D] -> [B, T, V]
+        return qdot("btd,vd->btv", h, self._table())
+
+
+class LanguageModel(hk.Module):
+    """Embedding in, decoder stack, final norm, tied embedding out (`language_model`)."""
+
+    def __init__(self, config: GrokConfig, transformer: Transformer):
+        super().__init__(name="language_model")
+        self.config = config
+        self.transformer = transformer
+
+    def __call__(self, tokens, cache: KVCache | None = None, num_new=None):
+        """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None).
+
+        Without a cache the T tokens are whole sequences. With one, they continue each row
+        at slot `cache.lengths[b]`; the first `num_new[b]` of them are real (the rest right
+        padding, default: all T), and the row's length advances by that many.
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        valid = tokens > cfg.pad_token  # [B, T]: the release masks pad keys
+        if cache is None:
+            starts = None
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            key_valid = valid  # [B, S=T]
+        else:
+            starts = cache.lengths
+            positions = starts[:, None] + jnp.arange(t)[None, :]
+            key_valid = write_rows(cache.key_valid, valid, starts)  # [B, S]
+        slots = jnp.arange(key_valid.shape[1])
+        key_mask = (slots[None, None, :] <= positions[:, :, None]) & key_valid[:, None, :]
+
+        embed = InOutEmbed(cfg)
+        h = embed.embed(tokens) * cfg.embedding_multiplier_scale  # [B, T, D]
+        h, layers = self.transformer(h, positions, key_mask, cache, starts)
+        h = RMSNorm(name="rms_norm")(h)
+        logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
+
+        if cache is None:
+            return logits, None
+        num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
+        return logits, KVCache(tuple(layers), cache.lengths + num_new, key_valid)
+
+
+def build(config: GrokConfig, moe_strategy: str = "dense") -> hk.Transformed:
+    """The transformed model: `apply(params, tokens, cache=None, num_new=None)`."""
+    def forward(tokens, cache=None, num_new=None):
+        transformer = Transformer(config, moe_strategy)
+        return LanguageModel(config, transformer)(tokens, cache, num_new)
+    return hk.without_apply_rng(hk.transform(forward))
+
+
+def init_params(config: GrokConfig, rng) -> dict:
+    """Random float32 parameters with the release's tree (for tests and new checkpoints)."""
+    return build(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+
+
+def abstract_params(config: GrokConfig, quantized: bool = True) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, never allocated.
+
+    With `quantized`, the tensors the release stores in 8 bits are `QuantizedWeight8bit`s
+    of int8 weights and bf16 scales with the release's grouping.
+    """
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    if not quantized:
+        return shapes
+
+    def store(path, sds):
+        groups = release_groups(path, sds.shape)
+        if groups is None:
+            return sds
+        *lead, _, n = sds.shape
+        return QuantizedWeight8bit(jax.ShapeDtypeStruct(sds.shape, jnp.int8),
+                                   jax.ShapeDtypeStruct((*lead, groups, n), jnp.bfloat16))
+    return map_params(store, shapes)

@@ -1,0 +1,633 @@
+"""The release's per-tensor checkpoint files, read and written without unpickling.
+
+Each released file is a protocol-4 pickle of either a numpy array or a
+`__main__.QuantizedWeight8bit` holding two. Unpickling a 300 GB download would let any
+tampered file run code, so the reader interprets the opcode stream itself: a stack machine
+that knows only the opcodes and globals such files use, never reads the array bytes (it
+records where they lie and memory-maps them), and refuses anything else by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pickletools
+import struct
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+import ml_dtypes
+import numpy as np
+
+from grok.quant import QuantizedWeight8bit, check_groups
+
+# dtypes a tensor may have; the stream names them by these numpy codes (or ml_dtypes.bfloat16).
+_DTYPE_CODES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
+
+_RECONSTRUCT = "reconstruct"
+_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): "ndarray",
+    ("numpy", "dtype"): "dtype",
+    ("ml_dtypes", "bfloat16"): "bfloat16",
+    ("__main__", "QuantizedWeight8bit"): "QuantizedWeight8bit",
+}
+
+# Strings in these files are module and key names; anything longer is corruption or an attack.
+_MAX_STRING = 1 << 16
+# As CPython's pickler: payloads this large bypass frames, and tiny frames get no header.
+_FRAME_TARGET = 64 * 1024
+_FRAME_MIN = 4
+_WRITE_CHUNK = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayHeader:
+    """Where one array's raw bytes lie in its file, and how to view them."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    offset: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedHeader:
+    weight: ArrayHeader
+    scales: ArrayHeader
+
+
+@dataclasses.dataclass(frozen=True)
+class _Global:
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bytes:
+    offset: int
+    length: int
+
+
+class _Mark:
+    """Placeholder pushed by MARK; kept on a separate stack as pickle does."""
+
+
+class _DtypeStub:
+    def __init__(self, base: np.dtype):
+        self.base = base
+        self.dtype: np.dtype | None = None
+
+
+class _ArrayStub:
+    def __init__(self):
+        self.header: ArrayHeader | None = None
+
+
+class _QuantStub:
+    def __init__(self):
+        self.header: QuantizedHeader | None = None
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, _Global):
+        return obj.name
+    if isinstance(obj, (_DtypeStub, _ArrayStub, _QuantStub)):
+        return type(obj).__name__.lstrip("_").replace("Stub", "")
+    if isinstance(obj, _Bytes):
+        return f"bytes[{obj.length}]"
+    return type(obj).__name__
+
+
+class _Parser:
+    """One pass over one file's opcodes; payload bytes are skipped, never read."""
+
+    def __init__(self, path: str, f, size: int):
+        self.path = path
+        self.f = f
+        self.size = size
+        self.stack: list = []
+        self.marks: list[list] = []
+        self.memo: dict[int, object] = {}
+        self.handlers = {
+            0x80: self._proto, 0x95: self._frame,
+            0x8C: lambda: self._string(1), ord("X"): lambda: self._string(4),
+            0x8D: lambda: self._string(8),
+            0x94: self._memoize, ord("p"): lambda: self._put(self._line_int()),
+            ord("q"): lambda: self._put(self._uint(1)),
+            ord("r"): lambda: self._put(self._uint(4)),
+            ord("g"): lambda: self._get(self._line_int()),
+            ord("h"): lambda: self._get(self._uint(1)),
+            ord("j"): lambda: self._get(self._uint(4)),
+            0x93: self._stack_global, ord("c"): self._text_global,
+            ord("J"): lambda: self._push(self._int(4, signed=True)),
+            ord("K"): lambda: self._push(self._uint(1)),
+            ord("M"): lambda: self._push(self._uint(2)),
+            0x8A: lambda: self._push(self._int(self._uint(1), signed=True)),
+            0x88: lambda: self._push(True), 0x89: lambda: self._push(False),
+            ord("N"): lambda: self._push(None),
+            ord("("): self._mark, ord("t"): lambda: self._push(tuple(self._pop_mark())),
+            0x85: lambda: self._tuple(1), 0x86: lambda: self._tuple(2),
+            0x87: lambda: self._tuple(3), ord(")"): lambda: self._push(()),
+            ord("}"): lambda: self._push({}), ord("s"): self._setitem,
+            ord("u"): self._setitems,
+            ord("R"): self._reduce, 0x81: self._newobj, ord("b"): self._build,
+            ord("C"): lambda: self._bytes(1), ord("B"): lambda: self._bytes(4),
+            0x8E: lambda: self._bytes(8),
+        }
+
+    def fail(self, message: str) -> NoReturn:
+        raise ValueError(f"{self.path}: {message}")
+
+    def run(self) -> ArrayHeader | QuantizedHeader:
+        while True:
+            pos = self.f.tell()
+            code = self.f.read(1)
+            if not code:
+                self.fail(f"pickle stream ends at byte {pos} without STOP (truncated file?)")
+            if code == b".":
+                return self._stop(pos)
+            handler = self.handlers.get(code[0])
+            if handler is None:
+                op = pickletools.code2op.get(code.decode("latin-1"))
+                name = op.name if op else "unknown"
+                self.fail(f"unsupported pickle opcode {name} (0x{code[0]:02x}) at byte {pos}")
+            try:
+                handler()
+            except IndexError:
+                self.fail(f"malformed pickle stream: stack underflow at byte {pos}")
+
+    def _stop(self, pos: int):
+        if self.marks or len(self.stack) != 1:
+            self.fail(f"malformed pickle stream: {len(self.stack)} objects on the stack and "
+                      f"{len(self.marks)} open marks at STOP (byte {pos})")
+        if pos + 1 != self.size:
+            self.fail(f"{self.size - pos - 1} unexpected trailing bytes after the pickle's STOP "
+                      f"at byte {pos}")
+        result = self.stack[0]
+        if isinstance(result, (_ArrayStub, _QuantStub)) and result.header is not None:
+            return result.header
+        self.fail(f"holds a {_describe(result)}, not an array or a QuantizedWeight8bit")
+
+    # --- reading primitives ---------------------------------------------------------
+
+    def _read(self, n: int) -> bytes:
+        pos = self.f.tell()
+        if n > self.size - pos:
+            self.fail(f"truncated: needs {n} bytes at byte {pos}, but the file has only "
+                      f"{self.size}")
+        return self.f.read(n)
+
+    def _uint(self, n: int) -> int:
+        return int.from_bytes(self._read(n), "little")
+
+    def _int(self, n: int, signed: bool) -> int:
+        return int.from_bytes(self._read(n), "little", signed=signed)
+
+    def _line(self) -> bytes:
+        line = self.f.readline(_MAX_STRING)
+        if not line.endswith(b"\n"):
+            self.fail(f"unterminated or overlong text argument at byte {self.f.tell()}")
+        return line[:-1]
+
+    def _line_int(self) -> int:
+        line = self._line()
+        if not line.isdigit():
+            self.fail(f"bad memo index {line!r} before byte {self.f.tell()}")
+        return int(line)
+
+    def _push(self, value) -> None:
+        self.stack.append(value)
+
+    def _pop_mark(self) -> list:
+        if not self.marks:
+            self.fail(f"malformed pickle stream: no MARK before byte {self.f.tell()}")
+        items, self.stack = self.stack, self.marks.pop()
+        return items
+
+    # --- opcodes --------------------------------------------------------------------
+
+    def _proto(self) -> None:
+        version = self._uint(1)
+        if version > 5:
+            self.fail(f"unsupported pickle protocol {version}")
+
+    def _frame(self) -> None:
+        length = self._uint(8)
+        if length > self.size - self.f.tell():
+            self.fail(f"truncated: a {length}-byte frame at byte {self.f.tell() - 9} runs past "
+                      f"the end of the {self.size}-byte file")
+
+    def _string(self, width: int) -> None:
+        length = self._uint(width)
+        if length > _MAX_STRING:
+            self.fail(f"string of {length} bytes at byte {self.f.tell()} is implausibly long")
+        try:
+            self._push(self._read(length).decode("utf-8", "surrogatepass"))
+        except UnicodeDecodeError:
+            self.fail(f"invalid UTF-8 string before byte {self.f.tell()}")
+
+    def _bytes(self, width: int) -> None:
+        length = self._uint(width)
+        offset = self.f.tell()
+        if length > self.size - offset:
+            self.fail(f"truncated: {length} bytes of data declared at byte {offset}, but only "
+                      f"{self.size - offset} remain")
+        self.f.seek(length, os.SEEK_CUR)
+        self._push(_Bytes(offset, length))
+
+    def _memoize(self) -> None:
+        self.memo[len(self.memo)] = self.stack[-1]
+
+    def _put(self, index: int) -> None:
+        self.memo[index] = self.stack[-1]
+
+    def _get(self, index: int) -> None:
+        if index not in self.memo:
+            self.fail(f"memo entry {index} read before it is written (byte {self.f.tell()})")
+        self._push(self.memo[index])
+
+    def _resolve_global(self, module, name) -> None:
+        key = (module, name)
+        if key not in _GLOBALS:
+            self.fail(f"refusing pickle global {module}.{name}: a checkpoint tensor may only "
+                      f"reference {', '.join(sorted({'.'.join(k) for k in _GLOBALS}))}")
+        self._push(_Global(_GLOBALS[key]))
+
+    def _stack_global(self) -> None:
+        name = self.stack.pop()
+        module = self.stack.pop()
+        if not isinstance(module, str) or not isinstance(name, str):
+            self.fail(f"STACK_GLOBAL needs two strings, got {_describe(module)} and "
+                      f"{_describe(name)}")
+        self._resolve_global(module, name)
+
+    def _text_global(self) -> None:
+        module = self._line().decode("utf-8", "replace")
+        name = self._line().decode("utf-8", "replace")
+        self._resolve_global(module, name)
+
+    def _mark(self) -> None:
+        self.marks.append(self.stack)
+        self.stack = []
+
+    def _tuple(self, n: int) -> None:
+        if len(self.stack) < n:
+            raise IndexError
+        items = tuple(self.stack[-n:])
+        del self.stack[-n:]
+        self._push(items)
+
+    def _setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        self._store(self.stack[-1], [key, value])
+
+    def _setitems(self) -> None:
+        items = self._pop_mark()
+        if len(items) % 2:
+            self.fail(f"SETITEMS with an odd number of items before byte {self.f.tell()}")
+        self._store(self.stack[-1], items)
+
+    def _store(self, target, items: list) -> None:
+        if not isinstance(target, dict):
+            self.fail(f"SETITEM(S) on a {_describe(target)}, not a dict")
+        for key, value in zip(items[::2], items[1::2], strict=True):
+            if not isinstance(key, str):
+                self.fail(f"dict key of type {_describe(key)}; only string keys are expected")
+            target[key] = value
+
+    def _reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack.pop()
+        if not isinstance(args, tuple):
+            self.fail(f"REDUCE arguments are a {_describe(args)}, not a tuple")
+        if func == _Global(_RECONSTRUCT):
+            ok = (len(args) == 3 and args[0] == _Global("ndarray") and args[1] == (0,)
+                  and isinstance(args[2], _Bytes))
+            if not ok:
+                self.fail("unexpected arguments to _reconstruct: expected (ndarray, (0,), bytes)")
+            self._push(_ArrayStub())
+        elif func == _Global("dtype"):
+            self._push(_DtypeStub(self._dtype_base(args)))
+        else:
+            self.fail(f"REDUCE of {_describe(func)} is not allowed")
+
+    def _dtype_base(self, args: tuple) -> np.dtype:
+        if len(args) != 3 or args[1] is not False or args[2] is not True:
+            self.fail(f"unexpected numpy.dtype arguments {args!r}")
+        code = args[0]
+        if code == _Global("bfloat16"):
+            return np.dtype(ml_dtypes.bfloat16)
+        if code not in _DTYPE_CODES:
+            self.fail(f"unsupported dtype {code!r}; expected one of {', '.join(_DTYPE_CODES)} "
+                      "or ml_dtypes.bfloat16")
+        return np.dtype(code)
+
+    def _newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if cls != _Global("QuantizedWeight8bit") or args != ():
+            self.fail(f"NEWOBJ of {_describe(cls)} with {_describe(args)} arguments is not "
+                      "allowed; only QuantizedWeight8bit()")
+        self._push(_QuantStub())
+
+    def _build(self) -> None:
+        state = self.stack.pop()
+        obj = self.stack[-1]
+        if isinstance(obj, _DtypeStub) and obj.dtype is None:
+            obj.dtype = self._build_dtype(obj.base, state)
+        elif isinstance(obj, (_ArrayStub, _QuantStub)) and obj.header is None:
+            build = self._build_array if isinstance(obj, _ArrayStub) else self._build_quantized
+            obj.header = build(state)
+        else:
+            self.fail(f"BUILD on a {_describe(obj)} is not allowed (or applied twice)")
+
+    def _build_dtype(self, base: np.dtype, state) -> np.dtype:
+        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+              and state[2:5] == (None, None, None) and state[5] in (-1, base.itemsize))
+        if not ok:
+            self.fail(f"unexpected numpy dtype state {state!r} for {base}")
+        byteorder = state[1]
+        if byteorder not in ("<", "|") or (byteorder == "|" and base.itemsize > 1):
+            self.fail(f"unsupported byte order {byteorder!r} for {base}; the checkpoint format "
+                      "is little-endian")
+        return base
+
+    def _build_array(self, state) -> ArrayHeader:
+        ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
+              and isinstance(state[1], tuple) and isinstance(state[3], bool)
+              and isinstance(state[4], _Bytes))
+        if not ok:
+            self.fail(f"unexpected ndarray state ({', '.join(map(_describe, state))})"
+                      if isinstance(state, tuple) else f"ndarray state is a {_describe(state)}")
+        _, shape, dtype, fortran, data = state
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            self.fail(f"bad array shape {shape!r}")
+        if not isinstance(dtype, _DtypeStub) or dtype.dtype is None:
+            self.fail(f"array dtype is a {_describe(dtype)}, not a numpy dtype")
+        expected = math.prod(shape) * dtype.dtype.itemsize
+        if data.length != expected:
+            self.fail(f"array {dtype.dtype}{list(shape)} needs {expected} bytes but the file "
+                      f"holds {data.length} (corrupt file?)")
+        return ArrayHeader(shape, dtype.dtype, fortran, data.offset, data.length)
+
+    def _build_quantized(self, state) -> QuantizedHeader:
+        if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
+            found = sorted(state) if isinstance(state, dict) else _describe(state)
+            self.fail(f"QuantizedWeight8bit state must be a dict with keys 'weight' and "
+                      f"'scales', found {found}")
+        parts = {}
+        for key, value in state.items():
+            if not isinstance(value, _ArrayStub) or value.header is None:
+                self.fail(f"QuantizedWeight8bit.{key} is a {_describe(value)}, not an array")
+            parts[key] = value.header
+        return QuantizedHeader(**parts)
+
+
+def read_header(path: str | os.PathLike) -> ArrayHeader | QuantizedHeader:
+    """Parses one tensor file's pickle stream; reads no array data."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _Parser(path, f, os.fstat(f.fileno()).st_size).run()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such tensor file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read tensor file: {e.strerror or e}") from None
+
+
+def _open_array(path: str, header: ArrayHeader) -> np.ndarray:
+    if header.nbytes == 0:  # mmap cannot map nothing
+        empty = np.empty(header.shape, header.dtype)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, header.dtype, mode="r", offset=header.offset, shape=header.shape,
+                     order="F" if header.fortran_order else "C")
+
+
+def open_tensor(path: str | os.PathLike,
+                header: ArrayHeader | QuantizedHeader) -> np.ndarray | QuantizedWeight8bit:
+    """Read-only memory maps of a parsed file's arrays; pages are read only when touched."""
+    path = os.fspath(path)
+    if isinstance(header, QuantizedHeader):
+        return QuantizedWeight8bit(_open_array(path, header.weight),
+                                   _open_array(path, header.scales))
+    return _open_array(path, header)
+
+
+def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
+    return open_tensor(path, read_header(path))
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A module-level name the stream refers to (a class or function of the release)."""
+
+    module: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Payload:
+    """An array's raw bytes as a flat uint8 view, written without a copy."""
+
+    data: np.ndarray
+
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_NDARRAY_ARGS = (_Ref("numpy", "ndarray"), (0,), b"b")
+
+
+class _Writer:
+    """A miniature protocol-4 pickler for just these objects, mirroring CPython's memo and
+    framing decisions so that our files equal the release's byte for byte."""
+
+    def __init__(self, f):
+        self.f = f
+        self.frame = bytearray()
+        self.memo: dict[object, int] = {}
+
+    def write(self, data: bytes) -> None:
+        self.frame += data
+
+    def commit_frame(self) -> None:
+        if len(self.frame) >= _FRAME_MIN:
+            self.f.write(b"\x95" + struct.pack("<Q", len(self.frame)))
+        self.f.write(self.frame)
+        self.frame = bytearray()
+
+    def memoize(self, key) -> None:
+        self.memo[key] = len(self.memo)
+        self.write(b"\x94")
+
+    def save(self, obj) -> None:
+        # CPython closes a frame only between whole objects, once it has reached its target.
+        if len(self.frame) >= _FRAME_TARGET:
+            self.commit_frame()
+        key = self._memo_key(obj)
+        if key in self.memo:
+            index = self.memo[key]
+            self.write(b"h" + bytes([index]) if index < 256 else b"j" + struct.pack("<I", index))
+            return
+        if obj is None:
+            self.write(b"N")
+        elif isinstance(obj, bool):
+            self.write(b"\x88" if obj else b"\x89")
+        elif isinstance(obj, int):
+            self._int(obj)
+        elif isinstance(obj, str):
+            self._str(obj, key)
+        elif isinstance(obj, (bytes, _Payload)):
+            self._bytes(obj, key)
+        elif isinstance(obj, tuple):
+            self._tuple(obj, key)
+        elif isinstance(obj, _Ref):
+            self.save(obj.module)
+            self.save(obj.name)
+            self.write(b"\x93")
+            self.memoize(key)
+        elif isinstance(obj, dict):
+            self._dict(obj, key)
+        elif isinstance(obj, np.dtype):
+            self._dtype(obj, key)
+        elif isinstance(obj, np.ndarray):
+            self.save(_Ref("numpy.core.multiarray", "_reconstruct"))
+            self.save(_NDARRAY_ARGS)
+            self.write(b"R")
+            self.memoize(key)
+            self.save((1, obj.shape, obj.dtype, False, _Payload(obj.reshape(-1).view(np.uint8))))
+            self.write(b"b")
+        else:
+            assert isinstance(obj, QuantizedWeight8bit), type(obj)
+            self.save(_Ref("__main__", "QuantizedWeight8bit"))
+            self.save(())
+            self.write(b"\x81")
+            self.memoize(key)
+            self.save({"weight": obj.weight, "scales": obj.scales})
+            self.write(b"b")
+
+    def _dict(self, obj: dict, key) -> None:
+        self.write(b"}")
+        self.memoize(key)
+        self.write(b"(")
+        for key, value in obj.items():
+            self.save(key)
+            self.save(value)
+        self.write(b"u")
+
+    @staticmethod
+    def _memo_key(obj):
+        """What CPython's memo (keyed by identity) would find again: interned strings,
+        singleton dtypes and b"b", and names already referenced; never ints or tuples."""
+        if isinstance(obj, (str, bytes, np.dtype, _Ref)):
+            return type(obj).__name__, obj
+        return object()
+
+    def _int(self, x: int) -> None:
+        if 0 <= x <= 0xFF:
+            self.write(b"K" + bytes([x]))
+        elif 0 <= x <= 0xFFFF:
+            self.write(b"M" + struct.pack("<H", x))
+        elif -(1 << 31) <= x < (1 << 31):
+            self.write(b"J" + struct.pack("<i", x))
+        else:
+            data = x.to_bytes((x.bit_length() + 8) // 8, "little", signed=True)
+            self.write(b"\x8a" + bytes([len(data)]) + data)
+
+    def _str(self, s: str, key) -> None:
+        data = s.encode("utf-8", "surrogatepass")
+        if len(data) <= 0xFF:
+            self.write(b"\x8c" + bytes([len(data)]) + data)
+        else:
+            self.write(b"X" + struct.pack("<I", len(data)) + data)
+        self.memoize(key)
+
+    def _bytes(self, obj, key) -> None:
+        data = obj.data if isinstance(obj, _Payload) else np.frombuffer(obj, np.uint8)
+        n = data.size
+        if n <= 0xFF:
+            header = b"C" + bytes([n])
+        elif n <= 0xFFFFFFFF:
+            header = b"B" + struct.pack("<I", n)
+        else:
+            header = b"\x8e" + struct.pack("<Q", n)
+        if n < _FRAME_TARGET:
+            self.write(header + data.tobytes())
+        else:  # as CPython: large payloads go straight to the file, outside any frame
+            self.commit_frame()
+            self.f.write(header)
+            for start in range(0, n, _WRITE_CHUNK):
+                self.f.write(memoryview(data[start:start + _WRITE_CHUNK]))
+        self.memoize(key)
+
+    def _tuple(self, items: tuple, key) -> None:
+        if not items:
+            self.write(b")")
+            return
+        if len(items) > 3:
+            self.write(b"(")
+        for x in items:
+            self.save(x)
+        self.write({1: b"\x85", 2: b"\x86", 3: b"\x87"}.get(len(items), b"t"))
+        self.memoize(key)
+
+    def _dtype(self, dtype: np.dtype, key) -> None:
+        if dtype == _BFLOAT16:
+            args, state = (_Ref("ml_dtypes", "bfloat16"), False, True), ("<", 2, 2, 64)
+        else:
+            args, state = (dtype.str[1:], False, True), (dtype.str[0], -1, -1, 0)
+        self.save(_Ref("numpy", "dtype"))
+        self.save(args)
+        self.write(b"R")
+        self.memoize(key)
+        self.save((3, state[0], None, None, None, *state[1:]))
+        self.write(b"b")
+
+
+def _as_writable(value, name: str) -> np.ndarray:
+    a = np.asarray(value, order="C")
+    if a.dtype != _BFLOAT16 and a.dtype.str[1:] not in _DTYPE_CODES:
+        raise ValueError(f"{name}: cannot store dtype {a.dtype}; expected one of "
+                         f"{', '.join(_DTYPE_CODES)} or bfloat16")
+    if a.dtype.byteorder == ">":
+        raise ValueError(f"{name}: big-endian arrays are not supported; the format is "
+                         "little-endian")
+    return a
+
+
+def write_tensor(path: str | os.PathLike, value) -> None:
+    """Writes `value` (an array or a QuantizedWeight8bit) as the release does; atomically,
+    so a crash never leaves a truncated file under the final name."""
+    path = Path(path)
+    if isinstance(value, QuantizedWeight8bit):
+        weight = _as_writable(value.weight, f"{path} weight")
+        scales = _as_writable(value.scales, f"{path} scales")
+        if weight.dtype != np.int8 or scales.dtype != _BFLOAT16:
+            raise ValueError(f"{path}: QuantizedWeight8bit needs int8 weight and bfloat16 "
+                             f"scales, got {weight.dtype} and {scales.dtype}")
+        check_groups(weight.shape, scales.shape, str(path))
+        value = QuantizedWeight8bit(weight, scales)
+    else:
+        value = _as_writable(value, str(path))
+    if not path.parent.is_dir():
+        raise ValueError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = _Writer(f)
+            f.write(b"\x80\x04")
+            writer.save(value)
+            writer.write(b".")
+            writer.commit_frame()
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

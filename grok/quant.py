@@ -1,0 +1,154 @@
+"""8-bit weights: int8 values with bf16 scales grouped along the contracting axis.
+
+A weight `w[..., K, N]` is stored as `weight` (int8, same shape) and `scales[..., G, N]`
+(bf16); group g covers rows g*K/G .. (g+1)*K/G. The release uses G = 8 for the two tensors
+it shards along K (attention `linear`, expert `linear_1`) and G = 1 elsewhere; any G that
+divides K works here, whatever the mesh.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedWeight8bit:
+    """An int8 weight and its bf16 scales; a pytree, so it passes through jit and sharding."""
+
+    def __init__(self, weight, scales):
+        self.weight = weight
+        self.scales = scales
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (dequantised) shape; Haiku checks parameters against it."""
+        return tuple(self.weight.shape)
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[-2]
+
+    def tree_flatten(self):
+        return (self.weight, self.scales), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedWeight8bit(weight={_describe(self.weight)}, "
+                f"scales={_describe(self.scales)})")
+
+
+def _describe(x) -> str:
+    dtype = getattr(x, "dtype", None)
+    shape = getattr(x, "shape", None)
+    return f"{dtype}{list(shape)}" if shape is not None else repr(x)
+
+
+def check_groups(weight_shape, scales_shape, name: str = "weight") -> None:
+    """Raises ValueError unless `scales_shape` is a valid grouping of `weight_shape`."""
+    weight_shape, scales_shape = tuple(weight_shape), tuple(scales_shape)
+    ok = (len(weight_shape) >= 2 and len(scales_shape) == len(weight_shape)
+          and scales_shape[:-2] == weight_shape[:-2] and scales_shape[-1] == weight_shape[-1]
+          and scales_shape[-2] >= 1 and weight_shape[-2] % scales_shape[-2] == 0)
+    if not ok:
+        raise ValueError(
+            f"{name}: scales of shape {list(scales_shape)} do not group weight of shape "
+            f"{list(weight_shape)}; expected [..., G, {weight_shape[-1] if weight_shape else 'N'}]"
+            f" with G dividing K={weight_shape[-2] if len(weight_shape) >= 2 else '?'}")
+
+
+def quantize(w, groups: int = 1) -> QuantizedWeight8bit:
+    """Symmetric per-(group, column) int8 quantisation of a float weight [..., K, N].
+
+    The scale is rounded to bf16 *before* dividing, so that int8 * scale is as close to `w`
+    as the stored bf16 scale allows.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 2:
+        raise ValueError(f"quantize: expected a weight of rank >= 2, got shape {list(w.shape)}")
+    *lead, k, n = w.shape
+    if groups < 1 or k % groups:
+        raise ValueError(f"quantize: groups={groups} must be >= 1 and divide K={k}")
+    grouped = w.reshape(*lead, groups, k // groups, n)
+    amax = np.max(np.abs(grouped), axis=-2)  # [..., G, N]
+    scales = (amax / 127.0).astype(jnp.bfloat16)
+    safe = np.where(scales.astype(np.float32) > 0, scales.astype(np.float32), 1.0)
+    q = np.clip(np.rint(grouped / safe[..., None, :]), -127, 127).astype(np.int8)
+    return QuantizedWeight8bit(q.reshape(w.shape), scales)
+
+
+def dequantize(w, dtype=jnp.bfloat16):
+    """The weight's values in `dtype`; for 8-bit weights, `round_dtype(int8 * scale)`.
+
+    int8 times a bf16 scale is exact in float32 (8 + 8 significant bits), so computing the
+    product in float32 and rounding once equals the release's bf16 multiply.
+    """
+    if not isinstance(w, QuantizedWeight8bit):
+        return jnp.asarray(w).astype(dtype)
+    weight, scales = w.weight, w.scales
+    *lead, k, n = weight.shape
+    g = scales.shape[-2]
+    grouped = weight.astype(jnp.float32).reshape(*lead, g, k // g, n)
+    values = grouped * scales.astype(jnp.float32)[..., :, None, :]
+    return values.reshape(weight.shape).astype(dtype)
+
+
+# Parameters the release stores as 8-bit, with the scale groups it uses: 8 along K for the
+# two tensors it shards along K (when K allows it), 1 for the others. Matched against the
+# parameter's "module/path/name"; anything unmatched stays a float array.
+_RELEASE_8BIT: tuple[tuple[str, int], ...] = (
+    (r"multi_head_attention/(query|key|value)/w$", 1),
+    (r"multi_head_attention/linear/w$", 8),
+    (r"moe/(linear|linear_v)/w$", 1),
+    (r"moe/linear_1/w$", 8),
+)
+
+
+def release_groups(path: str, shape) -> int | None:
+    """Scale groups the release uses for parameter `path`, or None if it is stored as float."""
+    for pattern, groups in _RELEASE_8BIT:
+        if re.search(pattern, path):
+            return groups if shape[-2] % groups == 0 else 1
+    return None
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QuantizedWeight8bit)
+
+
+def map_params(fn, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Applies `fn(path, value)` to each parameter of a Haiku tree; 8-bit weights are leaves."""
+    return {module: {name: fn(f"{module}/{name}", value) for name, value in bundle.items()}
+            for module, bundle in params.items()}
+
+
+def quantize_params(params):
+    """Stores every parameter the release keeps in 8 bits as it does; others are untouched."""
+    def convert(path, value):
+        groups = release_groups(path, value.shape)
+        if groups is None or is_quantized(value):
+            return value
+        return quantize(value, groups)
+    return map_params(convert, params)
+
+
+def dequantize_params(params, dtype=jnp.bfloat16):
+    """Turns 8-bit weights into their exact values in `dtype`; float parameters stay as they are."""
+    return map_params(lambda _, v: dequantize(v, dtype) if is_quantized(v) else v, params)
+
+
+def qdot(spec: str, x, w):
+    """`einsum(spec, x, w)` the release's way: operands in the weight's compute dtype (bf16
+    for 8-bit weights), float32 accumulation, one rounding to the activations' dtype."""
+    if is_quantized(w):
+        w = dequantize(w, x.dtype)
+    out = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype)

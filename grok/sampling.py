@@ -1,0 +1,131 @@
+"""Token sampling: the release's temperature and nucleus rules, plus top-k and greedy rows.
+
+Settings are per-row arrays, so one compiled step serves any mix of requests, and each row
+draws with its own key, so a request's output does not depend on what shares its batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logit given to filtered-out tokens, as in the release: exp(-1e10 - max) is exactly 0.
+NEG = -1e10
+# How many most-likely alternatives each step reports, as the release's TOP_K.
+TOP_ALTERNATIVES = 8
+
+
+class SamplingParams(NamedTuple):
+    """Per-row settings: temperature f32[B] (0 = greedy), top_p f32[B] in (0, 1],
+    top_k i32[B] (0 = off)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+    top_k: jax.Array
+
+
+class Sample(NamedTuple):
+    """One step's draw. Log-probabilities are of the raw logits (temperature 1, before any
+    filtering or mask), so they describe the model, not the sampler settings."""
+
+    tokens: jax.Array  # i32[B]
+    logprobs: jax.Array  # f32[B], of the chosen token
+    top_ids: jax.Array  # i32[B, min(8, V)], most likely first
+    top_logprobs: jax.Array  # f32[B, min(8, V)]
+
+
+def _first_violation(name: str, values, ok: np.ndarray, allowed: str) -> None:
+    if not ok.all():
+        bad = np.asarray(values).reshape(-1)[np.flatnonzero(~ok.reshape(-1))[0]]
+        raise ValueError(f"{name} must be {allowed}, got {bad.item()!r}")
+
+
+def check_settings(temperature, top_p, top_k) -> None:
+    """Validates user settings (scalars or per-row arrays) before they reach a jitted step,
+    where a bad value would silently give garbage."""
+    t, p, k = (np.asarray(v) for v in (temperature, top_p, top_k))
+    for name, v, kinds in (("temperature", t, "iuf"), ("top_p", p, "iuf"), ("top_k", k, "iu")):
+        if v.dtype.kind not in kinds:
+            what = "an integer" if kinds == "iu" else "a number"
+            raise ValueError(f"{name} must be {what}, got {v.tolist()!r}")
+    _first_violation("temperature", t, np.isfinite(t) & (t >= 0),
+                     "a finite number >= 0 (0 = greedy)")
+    _first_violation("top_p", p, (p > 0) & (p <= 1), "in (0, 1]")
+    # The upper bound is int32's: top_k travels as i32; any k >= vocab keeps every token.
+    _first_violation("top_k", k, (k >= 0) & (k < 2**31), "an integer in [0, 2**31) (0 = off)")
+
+
+def _check_shapes(logits, keys, params: SamplingParams, allowed) -> None:
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {logits.shape}")
+    batch = logits.shape[0]
+    if not jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) or keys.shape != (batch,):
+        raise ValueError(f"keys must be a typed PRNG key array of shape ({batch},), got "
+                         f"{keys.dtype}{list(keys.shape)}")
+    for name, v in zip(SamplingParams._fields, params, strict=True):
+        if jnp.shape(v) != (batch,):
+            raise ValueError(f"params.{name} must have shape ({batch},), got {jnp.shape(v)}")
+    if allowed is not None and allowed.shape != logits.shape:
+        raise ValueError(f"allowed must have the logits' shape {logits.shape}, got "
+                         f"{allowed.shape}")
+
+
+def filter_logits(logits, params: SamplingParams, allowed=None) -> jax.Array:
+    """The logits each sampled row draws from: scaled by 1/temperature, disallowed tokens and
+    those outside top-k and top-p at NEG. Rows with temperature 0 are filtered at
+    temperature 1 (`sample` takes their argmax, which every filter keeps).
+
+    Guards the release lacks, none of which moves a token in or out for ordinary settings:
+    logits are shifted by the row's largest allowed logit before dividing, so a tiny
+    temperature cannot overflow to inf (softmax and the filters are shift-invariant);
+    scaled logits are floored at NEG, so removing tokens keeps the sorted row sorted; and
+    if rounding keeps every cumulative sum below 1 - top_p (top_p under ~1e-7, where
+    1 - top_p rounds to 1), the threshold is the largest logit; the release keeps all.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    if allowed is None:
+        allowed = jnp.ones(logits.shape, bool)
+    temperature = jnp.asarray(params.temperature, jnp.float32)[:, None]
+    temperature = jnp.where(temperature > 0, temperature, 1.0)
+    shift = jnp.max(jnp.where(allowed, logits, NEG), axis=-1, keepdims=True)
+    scaled = jnp.maximum((logits - shift) / temperature, NEG)
+    scaled = jnp.where(allowed, scaled, NEG)
+
+    ascending = jnp.sort(scaled, axis=-1)
+    # Top-k: keep logits >= the k-th largest (ties kept); 0 or k >= V keeps all.
+    k = jnp.asarray(params.top_k, jnp.int32)[:, None]
+    k = jnp.where((k <= 0) | (k > vocab), vocab, k)
+    kth = jnp.take_along_axis(ascending, vocab - k, axis=-1)
+    scaled = jnp.where(scaled >= kth, scaled, NEG)
+    # Everything is >= NEG, so removing the tokens below kth keeps `ascending` sorted.
+    ascending = jnp.where(ascending >= kth, ascending, NEG)
+
+    # Top-p, as the release: first ascending position where the cumulative probability
+    # reaches 1 - top_p; keep every logit >= the logit there.
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    top_p = jnp.asarray(params.top_p, jnp.float32)[:, None]
+    position = jnp.min(jnp.where(cumulative >= 1 - top_p, jnp.arange(vocab), vocab - 1),
+                       axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ascending, position, axis=-1)
+    return jnp.where(scaled >= threshold, scaled, NEG)
+
+
+def sample(logits, keys, params: SamplingParams, allowed=None) -> Sample:
+    """Draws one token per row: logits f32[B, V]; keys a typed PRNG key array [B], one per
+    row; allowed an optional bool[B, V] mask of tokens that may be drawn at all."""
+    _check_shapes(logits, keys, params, allowed)
+    logits = logits.astype(jnp.float32)
+    filtered = filter_logits(logits, params, allowed)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    masked = logits if allowed is None else jnp.where(allowed, logits, NEG)
+    greedy = jnp.asarray(params.temperature) == 0
+    tokens = jnp.where(greedy, jnp.argmax(masked, axis=-1), drawn).astype(jnp.int32)
+
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_ALTERNATIVES, logits.shape[-1]))
+    return Sample(tokens, chosen, top_ids.astype(jnp.int32), top_logprobs)

@@ -1,0 +1,106 @@
+"""Device mesh and parameter placement: one table of partition rules, as the release shards.
+
+The mesh has two axes: `data` (batch, and the release's second split of weights) and
+`model` (tensor parallelism). XLA's SPMD partitioner keeps the computation correct on any
+placement, so every mesh gives the same numbers; the table only decides where bytes live.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from grok.config import GrokConfig
+
+DATA, MODEL = "data", "model"
+
+# (pattern on "module/path/param", spec of the logical weight [.., K, N]). The release's
+# rules (SPEC.md section 4): projections into the model split K over data and N over model,
+# projections out of it the reverse; the expert axis stays whole.
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"multi_head_attention/(query|key|value)/w$", P(DATA, MODEL)),
+    (r"multi_head_attention/linear/w$", P(MODEL, DATA)),
+    (r"moe/(linear|linear_v)/w$", P(None, DATA, MODEL)),
+    (r"moe/linear_1/w$", P(None, MODEL, DATA)),
+    (r"router/w$", P(DATA, None)),
+    (r"in_out_embed/embeddings$", P(None, (DATA, MODEL))),
+    (r"rms_norm(_\d+)?/scale$", P(None)),
+)
+
+TOKENS_SPEC = P(DATA, None)  # [B, T]
+KV_SPEC = P(DATA, None, MODEL, None)  # [B, S, K, C]
+
+
+def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
+    """A (data, model) mesh over the first data*model devices (default: all on `model`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if mesh_shape is None:
+        mesh_shape = (1, len(devices))
+    if (not isinstance(mesh_shape, (tuple, list)) or len(mesh_shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                       for n in mesh_shape)):
+        raise ValueError(f"mesh_shape must be two positive integers (data, model), "
+                         f"got {mesh_shape!r}")
+    data, model = mesh_shape
+    if data * model > len(devices):
+        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, but only "
+                         f"{len(devices)} are available")
+    grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def check_mesh(config: GrokConfig, mesh: Mesh) -> None:
+    """Raises ValueError where the model axis would cut through heads."""
+    model = mesh.shape[MODEL]
+    for name in ("num_q_heads", "num_kv_heads"):
+        heads = getattr(config, name)
+        if heads % model:
+            raise ValueError(f"{name}={heads} cannot be split over a model axis of {model}: "
+                             f"use a model axis that divides {heads}")
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def rule_for(path: str) -> P:
+    """The partition spec of parameter `path`; an unmatched parameter is an error."""
+    for pattern, spec in PARTITION_RULES:
+        if re.search(pattern, path):
+            return spec
+    raise ValueError(f"no partition rule matches parameter {path!r}")
+
+
+def param_sharding(mesh: Mesh, path: str, kind: str, shape) -> NamedSharding:
+    """Placement of one stored array of parameter `path`.
+
+    `kind` is "value" for float parameters and int8 weights, "scales" for 8-bit scales
+    [..., G, N]: those follow the weight, except that the K-axis split is dropped where it
+    does not divide G (a shard then holds every group, which costs little: scales are small).
+    """
+    spec = rule_for(path)
+    if len(spec) != len(shape):
+        raise ValueError(f"parameter {path!r}: rule {spec} is for rank {len(spec)}, "
+                         f"the array has shape {list(shape)}")
+    if kind == "scales" and shape[-2] % _axis_size(mesh, spec[-2]):
+        spec = P(*spec[:-2], None, spec[-1])
+    for dim, (size, axes) in enumerate(zip(shape, spec, strict=True)):
+        ways = _axis_size(mesh, axes)
+        if size % ways:
+            raise ValueError(f"parameter {path!r} ({kind}): dimension {dim} of size {size} "
+                             f"cannot be split {ways} ways over mesh axes {axes}")
+    return NamedSharding(mesh, spec)
+
+
+def padded_batch(mesh: Mesh, batch_size: int) -> int:
+    """The batch rounded up to a multiple of the data axis (rows are split over it)."""
+    data = mesh.shape[DATA]
+    return -(-batch_size // data) * data
