@@ -8,49 +8,46 @@ import os
 from collections.abc import Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from grok import checkpoint, model, sharding
 from grok.config import GrokConfig, resolve_config
 from grok.generate import Completion, Generator
-from grok.quant import is_quantized, map_params
+from grok.moe import STRATEGIES
+from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
 from grok.tokenizer import Tokenizer
-
-
-def _round_embeddings(params: dict) -> dict:
-    """Stores the embedding table as bf16, the dtype the release computes with at every use
-    (lookup and tied output): same numbers, half the memory, no per-step conversion."""
-    def convert(path, value):
-        if path.endswith("in_out_embed/embeddings") and not is_quantized(value):
-            return jax.jit(lambda x: x.astype(jnp.bfloat16),
-                           out_shardings=value.sharding)(value)
-        return value
-    return map_params(convert, params)
 
 
 class Grok:
     """A Grok-architecture model with its parameters placed on a (data, model) mesh."""
 
     def __init__(self, config: GrokConfig, params: dict, mesh: Mesh,
-                 tokenizer: Tokenizer | None = None, moe_strategy: str = "dense"):
+                 tokenizer: Tokenizer | None = None, moe_strategy: str = "sparse"):
         self.config = config
         self.params = params
         self.mesh = mesh
         self.tokenizer = tokenizer
-        self.model = model.build(config, moe_strategy)
+        self.model = model.build(config, moe_strategy, mesh)
         self.generator = Generator(self)
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
              tokenizer_path: str | os.PathLike | None = None,
-             mesh_shape: tuple[int, int] | None = None, progress: bool | None = None) -> Grok:
+             mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
+             moe: str = "sparse", progress: bool | None = None) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
         `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
         or a JSON path; `mesh_shape` is (data, model), default all devices on `model`.
+        `weights`: "int8" keeps 8-bit weights on the devices, "dequantized" turns them
+        into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
+        `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
         """
+        if moe not in STRATEGIES:
+            raise ValueError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
+        if weights not in (None, *WEIGHT_MODES):
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         config = resolve_config(config)
         tokenizer = None if tokenizer_path is None else Tokenizer.from_config(tokenizer_path,
                                                                               config)
@@ -60,7 +57,10 @@ class Grok:
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
             progress=progress)
-        return cls(config, _round_embeddings(params), mesh, tokenizer)
+        platform = mesh.devices.flat[0].platform
+        weights = default_weight_mode(platform) if weights is None else weights
+        params = store_params(params, weights, storage_dtype(platform))
+        return cls(config, params, mesh, tokenizer, moe_strategy=moe)
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

@@ -120,10 +120,13 @@ class Generator:
         grok = self.grok
 
         def decode(params, cache, tokens, steps, active, seeds, settings, allowed):
+            """Feeds each row its last token; `steps` counts each row's tokens so far."""
+            steps = steps + active
             logits, cache = grok.model.apply(params, tokens[:, None], cache,
                                              num_new=active.astype(jnp.int32))
-            return cache, sample(logits[:, 0].astype(jnp.float32), _keys(seeds, steps),
-                                 settings, allowed)
+            drawn = sample(logits[:, 0].astype(jnp.float32), _keys(seeds, steps),
+                           settings, allowed)
+            return cache, drawn, steps
         return decode
 
     def _put(self, x):
@@ -193,13 +196,14 @@ class Generator:
         step = self._compiled_step(("prefill", batch, t_bucket, max_len),
                                    self._prefill_fn(max_len), args)
         start = time.perf_counter()
-        cache, drawn = step(*args)
-        drawn = jax.device_get(drawn)
+        cache, drawn_d = step(*args)
+        drawn = jax.device_get(drawn_d)
         prefill_s = time.perf_counter() - start
 
         active = np.zeros(batch, bool)
         active[:n] = True
-        steps = np.zeros(batch, np.int32)
+        steps_d = self._put(np.zeros(batch, np.int32))
+        active_d, uploaded = None, None
         decode_s, decode_tokens = 0.0, 0
         while True:
             for i, r in enumerate(rows):
@@ -210,14 +214,15 @@ class Generator:
                         yield i, piece, not active[i]
             if not active.any():
                 break
-            steps += active
-            args = (grok.params, cache, self._put(drawn.tokens), self._put(steps),
-                    self._put(active), seeds_d, settings_d, allowed_d)
+            if uploaded is None or (uploaded != active).any():
+                active_d, uploaded = self._put(active), active.copy()  # a row has finished
+            args = (grok.params, cache, drawn_d.tokens, steps_d, active_d, seeds_d,
+                    settings_d, allowed_d)
             step = self._compiled_step(("decode", batch, max_len), self._decode_fn(), args,
                                        donate=(1,))
             start = time.perf_counter()
-            cache, drawn = step(*args)
-            drawn = jax.device_get(drawn)
+            cache, drawn_d, steps_d = step(*args)
+            drawn = jax.device_get(drawn_d)
             decode_s += time.perf_counter() - start
             decode_tokens += int(active.sum())
 

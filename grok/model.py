@@ -21,11 +21,13 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from grok import moe
 from grok.config import ATTN_SOFT_CAP, RMS_NORM_EPS, ROPE_BASE, GrokConfig
 from grok.kv_cache import KVCache, LayerCache, write_rows
 from grok.quant import QuantizedWeight8bit, map_params, qdot, release_groups
+from grok.sharding import REPLICATED_SPEC, RESIDUAL_SPEC, constrain
 
 ACT_DTYPE = jnp.bfloat16  # the release's "fprop dtype"
 MASK_VALUE = -1e30  # logit of a masked key, as in the release
@@ -175,10 +177,11 @@ class DecoderLayer(hk.Module):
 class Transformer(hk.Module):
     """The decoder stack (module path `transformer`)."""
 
-    def __init__(self, config: GrokConfig, moe_strategy: str):
+    def __init__(self, config: GrokConfig, moe_strategy: str, mesh: Mesh | None):
         super().__init__(name="transformer")
         self.config = config
         self.moe_strategy = moe_strategy
+        self.mesh = mesh
 
     def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
         new_layers = []
@@ -186,6 +189,7 @@ class Transformer(hk.Module):
             kv = None if cache is None else cache.layers[i]
             h, kv = DecoderLayer(self.config, i, self.moe_strategy)(
                 h, positions, key_mask, kv, starts)
+            h = constrain(h, self.mesh, RESIDUAL_SPEC)
             new_layers.append(kv)
         return h, new_layers
 
@@ -239,7 +243,11 @@ class LanguageModel(hk.Module):
         key_mask = (slots[None, None, :] <= positions[:, :, None]) & key_valid[:, None, :]
 
         embed = InOutEmbed(cfg)
-        h = embed.embed(tokens) * cfg.embedding_multiplier_scale  # [B, T, D]
+        mesh = self.transformer.mesh
+        # Rows come out of the table split along D like it; gather them whole, then split
+        # by batch (a direct reshuffle is one XLA can only do by replicating anyway).
+        h = constrain(embed.embed(tokens), mesh, REPLICATED_SPEC)  # [B, T, D]
+        h = constrain(h * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
         h, layers = self.transformer(h, positions, key_mask, cache, starts)
         h = RMSNorm(name="rms_norm")(h)
         logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
@@ -250,10 +258,14 @@ class LanguageModel(hk.Module):
         return logits, KVCache(tuple(layers), cache.lengths + num_new, key_valid)
 
 
-def build(config: GrokConfig, moe_strategy: str = "dense") -> hk.Transformed:
-    """The transformed model: `apply(params, tokens, cache=None, num_new=None)`."""
+def build(config: GrokConfig, moe_strategy: str = "sparse",
+          mesh: Mesh | None = None) -> hk.Transformed:
+    """The transformed model: `apply(params, tokens, cache=None, num_new=None)`.
+
+    With a mesh, activations are pinned to batch-over-`data` placements.
+    """
     def forward(tokens, cache=None, num_new=None):
-        transformer = Transformer(config, moe_strategy)
+        transformer = Transformer(config, moe_strategy, mesh)
         return LanguageModel(config, transformer)(tokens, cache, num_new)
     return hk.without_apply_rng(hk.transform(forward))
 

@@ -1,9 +1,20 @@
 """Expert computation: run each token through its chosen experts and combine by gate.
 
 Shape letters as in `grok.model`: N tokens, D model width, F expert width, E experts,
-X experts chosen per token. Expert e computes `(gelu(x @ w_gelu[e]) * (x @ w_up[e])) @
-w_down[e]` in bf16, and a token's output is the sum over its chosen experts of
-`gate.astype(bf16) * expert_out`, as the release combines them.
+X experts chosen per token, M rows of a tile. Expert e computes
+`(gelu(x @ w_gelu[e]) * (x @ w_up[e])) @ w_down[e]` in bf16, and a token's output is the
+sum over its chosen experts of `gate.astype(bf16) * expert_out`, as the release combines
+them.
+
+Three ways to get there, equal up to bf16 rounding order:
+- `dense`: every expert on every token, the release's formulation (E/X times the work);
+  kept as the oracle the others are tested against.
+- `per_copy`: for a few tokens (decoding), each (token, expert) copy indexes its expert's
+  weights directly, so only the chosen experts' weights are read.
+- `grouped`: for many tokens (prefill), copies are sorted by expert into tiles of M rows
+  that each belong to one expert, and each tile runs against its expert's weights alone;
+  no all-experts tensor is ever formed. Tiles past the last used one are skipped.
+`sparse` picks between the last two by token count (a static shape, so per compiled step).
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from grok.quant import qdot
+from grok.quant import QuantizedWeight8bit, is_quantized, qdot
 
 
 def combine(expert_out, gates):
@@ -23,19 +34,94 @@ def combine(expert_out, gates):
     return out
 
 
-def dense(x, gates, chosen, w_gelu, w_up, w_down):
-    """Every expert on every token, then keep the chosen ones: the release's formulation.
+def _ffn(x, w_gelu, w_up, w_down):
+    """One expert on rows x [M, D] -> [M, D]."""
+    h = jax.nn.gelu(qdot("md,df->mf", x, w_gelu)) * qdot("md,df->mf", x, w_up)
+    return qdot("mf,fd->md", h, w_down)
 
-    Costs E/X times the useful work; kept as the oracle the faster paths are tested against.
-    x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D].
-    """
+
+def _expert(w, e):
+    """Expert e's slice of a stacked weight [E, ...], reading nothing of the others."""
+    if is_quantized(w):
+        return QuantizedWeight8bit(jax.lax.dynamic_index_in_dim(w.weight, e, keepdims=False),
+                                   jax.lax.dynamic_index_in_dim(w.scales, e, keepdims=False))
+    return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+
+
+def dense(x, gates, chosen, w_gelu, w_up, w_down):
+    """x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D]."""
     h = jax.nn.gelu(qdot("nd,edf->enf", x, w_gelu)) * qdot("nd,edf->enf", x, w_up)
     out = qdot("enf,efd->ned", h, w_down)  # [N, E, D]
     picked = jnp.take_along_axis(out, chosen[:, :, None], axis=1)  # [N, X, D]
     return combine(picked, gates)
 
 
-STRATEGIES = {"dense": dense}
+def per_copy(x, gates, chosen, w_gelu, w_up, w_down):
+    """Each of the N*X (token, expert) copies in turn, with only its expert's weights."""
+    n, num_chosen = chosen.shape
+
+    def one(copy):
+        token, e = copy
+        row = jax.lax.dynamic_index_in_dim(x, token, keepdims=True)  # [1, D]
+        return _ffn(row, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e))[0]
+
+    tokens = jnp.repeat(jnp.arange(n), num_chosen)  # copy c is token c // X
+    out = jax.lax.map(one, (tokens, chosen.reshape(-1)))  # [N*X, D]
+    return combine(out.reshape(n, num_chosen, -1), gates)
+
+
+def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
+    """Copies sorted by expert into tiles of `tile` rows, one expert per tile."""
+    n, d = x.shape
+    num_chosen = chosen.shape[1]
+    num_experts = w_gelu.shape[0]
+    copies = n * num_chosen
+    expert_of_copy = chosen.reshape(-1)  # [N*X]
+    order = jnp.argsort(expert_of_copy, stable=True)  # copies grouped by expert
+    sorted_expert = expert_of_copy[order]
+
+    # Each expert's group is padded to whole tiles; `slot` is a sorted copy's row there.
+    counts = jnp.bincount(expert_of_copy, length=num_experts)  # [E]
+    tiles_per_expert = -(-counts // tile)
+    tile_end = jnp.cumsum(tiles_per_expert)  # [E]: first tile after expert e's
+    first_tile = tile_end - tiles_per_expert
+    rank = jnp.arange(copies) - (jnp.cumsum(counts) - counts)[sorted_expert]
+    slot = first_tile[sorted_expert] * tile + rank  # [N*X]
+
+    # Enough tiles for any routing: full tiles plus one partial tile per expert.
+    num_tiles = -(-copies // tile) + num_experts
+    source = jnp.full((num_tiles * tile,), n).at[slot].set(order // num_chosen)
+    rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[source]  # row n: padding
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), num_experts - 1)
+    used = jnp.arange(num_tiles) < tile_end[-1]
+
+    def run_tile(args):
+        xt, e, live = args
+        return jax.lax.cond(
+            live,
+            lambda: _ffn(xt, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e)),
+            lambda: jnp.zeros_like(xt))
+
+    out = jax.lax.map(run_tile, (rows.reshape(num_tiles, tile, d), tile_expert, used))
+    per_copy_out = jnp.zeros((copies, d), x.dtype).at[order].set(
+        out.reshape(-1, d)[slot])  # back to copy order
+    return combine(per_copy_out.reshape(n, num_chosen, d), gates)
+
+
+def sparse(x, gates, chosen, w_gelu, w_up, w_down):
+    """Only the chosen experts' work: per copy while there are fewer copies than experts
+    (each expert read at most about once either way), tiles by expert beyond that."""
+    copies = chosen.size
+    num_experts = w_gelu.shape[0]
+    if copies <= num_experts:
+        return per_copy(x, gates, chosen, w_gelu, w_up, w_down)
+    # Aim for about one tile per expert group, within [8, 128] rows.
+    tile = int(min(128, max(8, 1 << (-(-copies // num_experts) - 1).bit_length())))
+    return grouped(x, gates, chosen, w_gelu, w_up, w_down, tile=tile)
+
+
+STRATEGIES = {"dense": dense, "sparse": sparse}
 
 
 def dispatch(strategy: str, x, gates, chosen, w_gelu, w_up, w_down):

@@ -140,9 +140,39 @@ def quantize_params(params):
     return map_params(convert, params)
 
 
-def dequantize_params(params, dtype=jnp.bfloat16):
-    """Turns 8-bit weights into their exact values in `dtype`; float parameters stay as they are."""
-    return map_params(lambda _, v: dequantize(v, dtype) if is_quantized(v) else v, params)
+WEIGHT_MODES = ("int8", "dequantized")
+
+
+def default_weight_mode(platform: str) -> str:
+    """int8 saves accelerator memory and their GEMMs fuse the conversion; XLA:CPU does not
+    fuse it (every call would write the whole float weight), so CPU keeps floats."""
+    return "dequantized" if platform == "cpu" else "int8"
+
+
+def storage_dtype(platform: str):
+    """Float dtype for dequantised weights: float32 holding the exact bf16 values on CPU,
+    where XLA upcasts bf16 dot operands on every call; bf16 elsewhere."""
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+
+
+def store_params(params, mode: str, float_dtype):
+    """Converts loaded parameters for inference, same numbers either way.
+
+    The embedding table becomes its bf16 values (the release casts it to bf16 at every
+    use); with `mode="dequantized"` the 8-bit weights become their exact bf16 values too.
+    Both are then held in `float_dtype`. Norms and the router stay float32.
+    """
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
+    to_float = jax.jit(lambda w: dequantize(w, jnp.bfloat16).astype(float_dtype))
+
+    def convert(path, value):
+        if is_quantized(value):
+            return to_float(value) if mode == "dequantized" else value
+        if path.endswith("in_out_embed/embeddings"):
+            return to_float(value)
+        return value
+    return map_params(convert, params)
 
 
 def qdot(spec: str, x, w):

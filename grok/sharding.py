@@ -33,6 +33,8 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 TOKENS_SPEC = P(DATA, None)  # [B, T]
+REPLICATED_SPEC = P()
+RESIDUAL_SPEC = P(DATA, None, None)  # [B, T, D]: rows split, width whole, as the release
 KV_SPEC = P(DATA, None, MODEL, None)  # [B, S, K, C]
 
 
@@ -104,3 +106,11 @@ def padded_batch(mesh: Mesh, batch_size: int) -> int:
     """The batch rounded up to a multiple of the data axis (rows are split over it)."""
     data = mesh.shape[DATA]
     return -(-batch_size // data) * data
+
+
+def constrain(x, mesh: Mesh | None, spec: P):
+    """Pins an activation's placement (no-op without a mesh), so that XLA does not carry
+    a weight's split into the residual stream and reshuffle it at every layer."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -86,7 +86,7 @@ def test_missing_key_rejected(tmp_path):
     values = _tiny_dict()
     del values["num_kv_heads"]
     path = _write(tmp_path, values)
-    with pytest.raises(ValueError, match="missing.*num_kv_heads"):
+    with pytest.raises(ValueError, match=r"missing.*num_kv_heads"):
         GrokConfig.from_json(path)
 
 

