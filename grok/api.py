@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from collections.abc import Iterator, Sequence
 
@@ -13,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from grok import checkpoint, model, sharding
 from grok.config import GrokConfig, resolve_config
-from grok.generate import Completion, Generator
+from grok.generate import Completion, GenerationSettings, Generator, Request, make_request
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
 from grok.tokenizer import Tokenizer
@@ -59,35 +58,13 @@ class Grok:
             progress=progress)
         platform = mesh.devices.flat[0].platform
         weights = default_weight_mode(platform) if weights is None else weights
-        params = store_params(params, weights, storage_dtype(platform))
+        params = store_params(params, weights, storage_dtype(platform),
+                              split_experts=platform == "cpu")
         return cls(config, params, mesh, tokenizer, moe_strategy=moe)
-
-    def require_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer: pass tokenizer_path to Grok.load, "
-                             "or give prompts as token-id lists")
-        return self.tokenizer
-
-    def check_tokens(self, tokens) -> np.ndarray:
-        """The tokens as an int32 [B, T] array, or a ValueError saying what is wrong."""
-        arr = np.asarray(tokens)
-        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(f"tokens must be a non-empty [batch, time] array, "
-                             f"got shape {list(arr.shape)}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
-        vocab = self.config.vocab_size
-        bad = (arr < 0) | (arr >= vocab)
-        if bad.any():
-            raise ValueError(f"token id {arr[bad][0]} is outside [0, vocab_size={vocab})")
-        if arr.shape[1] > self.config.sequence_len:
-            raise ValueError(f"{arr.shape[1]} tokens exceed the context of "
-                             f"sequence_len={self.config.sequence_len}")
-        return arr.astype(np.int32)
 
     def logits(self, tokens) -> np.ndarray:
         """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
-        tokens = self.check_tokens(tokens)
+        tokens = self.config.check_tokens(tokens)
         batch = tokens.shape[0]
         rows = sharding.padded_batch(self.mesh, batch)
         padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
@@ -100,22 +77,24 @@ class Grok:
     def _forward(self):
         return jax.jit(lambda params, tokens: self.model.apply(params, tokens)[0])
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 100,
-                 temperature: float = 0.01, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | Sequence[int] = 42, stop: str | Sequence[str] | None = None,
-                 allowed_tokens: Sequence[int] | None = None
+    def request(self, prompts: Prompt | Sequence[Prompt], **settings) -> tuple[bool, Request]:
+        """Checks prompts and settings (see `GenerationSettings`) before any work."""
+        single, batch = _as_batch(prompts)
+        return single, make_request(self.config, self.tokenizer, batch,
+                                    GenerationSettings(**settings))
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], **settings
                  ) -> Completion | list[Completion]:
         """Samples continuations of one prompt or a batch of them (decoded together).
 
-        A prompt is a string (needs the tokenizer) or a list of token ids. Defaults are the
-        release's (100 tokens, temperature 0.01, top_p 1, seed 42); temperature 0 is greedy;
-        top_k 0 is off. Each row stops at EOS, at a stop string, or after max_new_tokens.
-        One prompt in gives one `Completion` out; a list gives a list, in prompt order.
+        A prompt is a string (needs the tokenizer) or a list of token ids. Settings are the
+        fields of `GenerationSettings`: max_new_tokens, temperature (0: greedy), top_p,
+        top_k (0: off), seed, stop, allowed_tokens; defaults are the release's. Each row
+        stops at EOS, at a stop string, or after max_new_tokens. One prompt in gives one
+        `Completion` out; a list gives a list, in prompt order.
         """
-        single, batch = _as_batch(prompts)
-        for _ in self.generator.run(batch, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, stop=stop, allowed_tokens=allowed_tokens):
+        single, request = self.request(prompts, **settings)
+        for _ in self.generator.run(request):
             pass
         out = self.generator.completions
         return out[0] if single else out
@@ -125,15 +104,13 @@ class Grok:
         """Like `generate`, yielding text as it is produced: strings for one prompt,
         (prompt index, text) pairs for a list. The completions are in
         `self.generator.completions` afterwards."""
-        single, batch = _as_batch(prompts)
-        for index, piece, _ in self.generator.run(batch, **{**_GENERATE_DEFAULTS, **settings}):
+        single, request = self.request(prompts, **settings)
+        for index, piece, _ in self.generator.run(request):
             if piece:
                 yield piece if single else (index, piece)
 
 
 Prompt = str | Sequence[int]
-_GENERATE_DEFAULTS = {k: v.default for k, v in inspect.signature(Grok.generate).parameters.items()
-                      if v.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _as_batch(prompts) -> tuple[bool, list]:

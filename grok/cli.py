@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from grok import sharding
 from grok.api import Grok
-from grok.config import PRESETS
+from grok.config import PRESETS, resolve_config
+from grok.generate import GenerationSettings, make_request
+from grok.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "checkpoints"
@@ -78,17 +81,23 @@ def _check_paths(args) -> None:
 
 
 def _run(args, out, err) -> None:
-    prompts = _prompts(args)
+    # Everything a user can get wrong is checked before minutes go into loading.
+    config = resolve_config(args.config)
     _check_paths(args)
+    tokenizer = Tokenizer.from_config(args.tokenizer, config)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, stop=args.stop)
+    sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    prompts = _prompts(args)
+    request = make_request(config, tokenizer, prompts, settings)
+
     start = time.perf_counter()
-    grok = Grok.load(args.checkpoint, args.config, tokenizer_path=args.tokenizer,
+    grok = Grok.load(args.checkpoint, config, tokenizer_path=args.tokenizer,
                      mesh_shape=args.mesh)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                    allowed_tokens=None)
-    events = grok.generator.run(prompts, **settings)
+    events = grok.generator.run(request)
     if args.json:
         for _ in events:
             pass

@@ -12,6 +12,8 @@ import json
 import math
 import os
 
+import numpy as np
+
 # RMSNorm epsilon and RoPE base used throughout the release.
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10_000
@@ -96,6 +98,23 @@ class GrokConfig:
             raise ValueError(
                 f"GrokConfig: widening_factor={self.widening_factor} with emb_size="
                 f"{self.emb_size} gives an empty expert width")
+
+    def check_tokens(self, tokens) -> np.ndarray:
+        """Token ids as an int32 [B, T] array, or a ValueError saying what is wrong."""
+        arr = np.asarray(tokens)
+        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [batch, time] array, "
+                             f"got shape {list(arr.shape)}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {arr[bad][0]} is outside [0, vocab_size="
+                             f"{self.vocab_size})")
+        if arr.shape[1] > self.sequence_len:
+            raise ValueError(f"{arr.shape[1]} tokens exceed the context of "
+                             f"sequence_len={self.sequence_len}")
+        return arr.astype(np.int32)
 
     # --- JSON ---------------------------------------------------------------------------
 

@@ -20,8 +20,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grok import sharding
+from grok.config import GrokConfig
 from grok.kv_cache import init_cache
 from grok.sampling import Sample, SamplingParams, check_settings, sample
+from grok.tokenizer import Tokenizer
 
 MIN_BUCKET = 16  # smallest prompt-length bucket
 
@@ -29,6 +31,88 @@ MIN_BUCKET = 16  # smallest prompt-length bucket
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
     """`n` rounded up to a power of two (at least `minimum`), at most `cap`."""
     return min(cap, max(minimum, 1 << max(n - 1, 0).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """How to sample. Defaults are the release's, except that EOS ends a row."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.01  # 0 is greedy
+    top_p: float = 1.0  # nucleus filter, as the release
+    top_k: int = 0  # 0 is off
+    seed: int | Sequence[int] = 42  # one for all prompts, or one per prompt
+    stop: str | Sequence[str] | None = None
+    allowed_tokens: Sequence[int] | None = None  # None: every token may be sampled
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Prompts and settings, checked against the model before any work is done."""
+
+    prompts: list[str | None]  # the text, where a prompt was given as text
+    prompt_ids: list[list[int]]
+    settings: GenerationSettings
+    seeds: list[int]
+    stops: list[str]
+    allowed: np.ndarray  # [V] bool
+
+
+def make_request(config: GrokConfig, tokenizer: Tokenizer | None,
+                 prompts: Sequence[str | Sequence[int]],
+                 settings: GenerationSettings) -> Request:
+    """Validates everything a user can get wrong; each error names the value and the range."""
+    s = settings
+    check_settings(s.temperature, s.top_p, s.top_k)
+    if isinstance(s.max_new_tokens, bool) or not isinstance(s.max_new_tokens, int) \
+            or s.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {s.max_new_tokens!r}")
+    stops = [s.stop] if isinstance(s.stop, str) else list(s.stop or [])
+    if any(not isinstance(x, str) or not x for x in stops):
+        raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
+    if stops and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer_path to load)")
+    if not prompts:
+        raise ValueError("no prompts given")
+    texts, ids = [], []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty")
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass tokenizer_path to "
+                                 "Grok.load, or give prompts as token-id lists")
+            row = tokenizer.encode(prompt)
+        else:
+            row = [int(t) for t in np.asarray(prompt).reshape(-1)] if len(prompt) else []
+        if not row:
+            raise ValueError(f"prompt {i} is empty")
+        try:
+            config.check_tokens([row])
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        if len(row) + s.max_new_tokens > config.sequence_len:
+            raise ValueError(
+                f"prompt {i} has {len(row)} tokens; with max_new_tokens={s.max_new_tokens} "
+                f"it needs {len(row) + s.max_new_tokens} positions, more than "
+                f"sequence_len={config.sequence_len}")
+        texts.append(prompt if isinstance(prompt, str) else None)
+        ids.append(row)
+    seeds = [s.seed] * len(ids) if isinstance(s.seed, int) else list(s.seed)
+    if len(seeds) != len(ids) or any(isinstance(x, bool) or not isinstance(x, int)
+                                     for x in seeds):
+        raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), "
+                         f"got {s.seed!r}")
+    allowed = np.ones(config.vocab_size, bool)
+    if s.allowed_tokens is not None:
+        chosen = np.asarray(list(s.allowed_tokens))
+        if chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer) \
+                or chosen.min() < 0 or chosen.max() >= config.vocab_size:
+            raise ValueError(f"allowed_tokens must be a non-empty list of token ids in "
+                             f"[0, vocab_size={config.vocab_size})")
+        allowed = np.zeros(config.vocab_size, bool)
+        allowed[chosen] = True
+    return Request(texts, ids, s, seeds, stops, allowed)
 
 
 @dataclasses.dataclass
@@ -135,39 +219,14 @@ class Generator:
 
     # --- the loop -----------------------------------------------------------------------
 
-    def run(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int,
-            temperature: float, top_p: float, top_k: int, seed: int | Sequence[int],
-            stop: str | Sequence[str] | None, allowed_tokens: Sequence[int] | None
-            ) -> Iterator[tuple[int, str, bool]]:
+    def run(self, request: Request) -> Iterator[tuple[int, str, bool]]:
         """Yields (prompt index, text increment, row finished) as tokens arrive;
         `self.completions` holds the results when the iterator is exhausted."""
         grok, cfg = self.grok, self.grok.config
-        check_settings(temperature, top_p, top_k)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
-        if stops and grok.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer (pass tokenizer_path to load)")
-        rows = [self._make_row(i, p, max_new_tokens) for i, p in enumerate(prompts)]
-        if not rows:
-            raise ValueError("no prompts given")
-        seeds = [seed] * len(rows) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(rows) or any(isinstance(s, bool) or not isinstance(s, int)
-                                          for s in seeds):
-            raise ValueError(f"seed must be an int or one int per prompt ({len(rows)}), "
-                             f"got {seed!r}")
-        allowed = np.ones(cfg.vocab_size, bool)
-        if allowed_tokens is not None:
-            ids = np.asarray(list(allowed_tokens))
-            if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) \
-                    or ids.min() < 0 or ids.max() >= cfg.vocab_size:
-                raise ValueError(f"allowed_tokens must be a non-empty list of token ids in "
-                                 f"[0, vocab_size={cfg.vocab_size})")
-            allowed = np.zeros(cfg.vocab_size, bool)
-            allowed[ids] = True
+        settings = request.settings
+        max_new_tokens = settings.max_new_tokens
+        rows = [_Row(text, ids, self._decoder()) for text, ids in
+                zip(request.prompts, request.prompt_ids, strict=True)]
 
         n = len(rows)
         batch = sharding.padded_batch(grok.mesh, bucket(n, cap=1 << 30, minimum=1))
@@ -182,13 +241,13 @@ class Generator:
             tokens[i, : len(r.prompt_ids)] = r.prompt_ids
             lengths[i] = len(r.prompt_ids)
         seed_arr = np.zeros(batch, np.uint32)
-        seed_arr[:n] = np.asarray(seeds, np.int64) % (1 << 32)
-        settings = SamplingParams(np.full(batch, temperature, np.float32),
-                                  np.full(batch, top_p, np.float32),
-                                  np.full(batch, top_k, np.int32))
+        seed_arr[:n] = np.asarray(request.seeds, np.int64) % (1 << 32)
+        sampling = SamplingParams(np.full(batch, settings.temperature, np.float32),
+                                  np.full(batch, settings.top_p, np.float32),
+                                  np.full(batch, settings.top_k, np.int32))
         on_device = [self._put(x) for x in (tokens, lengths, seed_arr)]
-        settings_d = jax.tree.map(self._put, settings)
-        allowed_d = self._put(np.broadcast_to(allowed, (batch, cfg.vocab_size)))
+        settings_d = jax.tree.map(self._put, sampling)
+        allowed_d = self._put(np.broadcast_to(request.allowed, (batch, cfg.vocab_size)))
         seeds_d = on_device[2]
 
         compiled_before = self.compile_seconds
@@ -208,7 +267,7 @@ class Generator:
         while True:
             for i, r in enumerate(rows):
                 if active[i]:
-                    piece = self._accept(r, drawn, i, max_new_tokens, stops)
+                    piece = self._accept(r, drawn, i, max_new_tokens, request.stops)
                     active[i] = r.finish_reason is None
                     if piece or not active[i]:
                         yield i, piece, not active[i]
@@ -231,25 +290,9 @@ class Generator:
                       "prefill_s": prefill_s, "prefill_tokens": int(lengths[:n].sum()),
                       "decode_s": decode_s, "decode_tokens": decode_tokens}
 
-    def _make_row(self, index: int, prompt, max_new_tokens: int) -> _Row:
-        grok, cfg = self.grok, self.grok.config
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            ids = grok.require_tokenizer().encode(prompt)
-            text = prompt
-        else:
-            ids = [int(t) for t in grok.check_tokens([list(prompt)])[0]] if len(prompt) else []
-            text = None
-        if not ids:
-            raise ValueError(f"prompt {index} is empty")
-        if len(ids) + max_new_tokens > cfg.sequence_len:
-            raise ValueError(
-                f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                f"it needs {len(ids) + max_new_tokens} positions, more than "
-                f"sequence_len={cfg.sequence_len}")
-        decoder = grok.tokenizer.stream_decoder() if grok.tokenizer is not None else None
-        return _Row(text, ids, decoder)
+    def _decoder(self):
+        tokenizer = self.grok.tokenizer
+        return None if tokenizer is None else tokenizer.stream_decoder()
 
     def _accept(self, row: _Row, drawn: Sample, i: int, max_new_tokens: int,
                 stops: list[str]) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from grok.quant import QuantizedWeight8bit, is_quantized, qdot
+from grok.quant import ExpertWeights, qdot
 
 
 def combine(expert_out, gates):
@@ -41,17 +41,32 @@ def _ffn(x, w_gelu, w_up, w_down):
 
 
 def _expert(w, e):
-    """Expert e's slice of a stacked weight [E, ...], reading nothing of the others."""
-    if is_quantized(w):
-        return QuantizedWeight8bit(jax.lax.dynamic_index_in_dim(w.weight, e, keepdims=False),
-                                   jax.lax.dynamic_index_in_dim(w.scales, e, keepdims=False))
-    return jax.lax.dynamic_index_in_dim(w, e, keepdims=False)
+    """Expert e's weight from a stacked [E, ...] weight or `ExpertWeights` (e static)."""
+    if isinstance(w, ExpertWeights):
+        return w.experts[e]
+    return jax.tree.map(lambda a: a[e], w)
+
+
+def _indexed(w, e):
+    """Expert e's slice of a stacked weight, e traced; reads nothing of the others."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), w)
+
+
+def expert_ffn(e, x, w_gelu, w_up, w_down):
+    """Expert e (a traced index) on rows x [M, D], reading only that expert's weights:
+    a switch over separately stored experts, or a dynamic slice of stacked ones."""
+    if isinstance(w_gelu, ExpertWeights):
+        branches = [lambda rows, i=i: _ffn(rows, _expert(w_gelu, i), _expert(w_up, i),
+                                           _expert(w_down, i))
+                    for i in range(len(w_gelu.experts))]
+        return jax.lax.switch(e, branches, x)
+    return _ffn(x, _indexed(w_gelu, e), _indexed(w_up, e), _indexed(w_down, e))
 
 
 def dense(x, gates, chosen, w_gelu, w_up, w_down):
     """x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D]."""
-    h = jax.nn.gelu(qdot("nd,edf->enf", x, w_gelu)) * qdot("nd,edf->enf", x, w_up)
-    out = qdot("enf,efd->ned", h, w_down)  # [N, E, D]
+    out = jnp.stack([_ffn(x, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e))
+                     for e in range(w_gelu.shape[0])], axis=1)  # [N, E, D]
     picked = jnp.take_along_axis(out, chosen[:, :, None], axis=1)  # [N, X, D]
     return combine(picked, gates)
 
@@ -63,7 +78,7 @@ def per_copy(x, gates, chosen, w_gelu, w_up, w_down):
     def one(copy):
         token, e = copy
         row = jax.lax.dynamic_index_in_dim(x, token, keepdims=True)  # [1, D]
-        return _ffn(row, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e))[0]
+        return expert_ffn(e, row, w_gelu, w_up, w_down)[0]
 
     tokens = jnp.repeat(jnp.arange(n), num_chosen)  # copy c is token c // X
     out = jax.lax.map(one, (tokens, chosen.reshape(-1)))  # [N*X, D]
@@ -98,10 +113,8 @@ def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
 
     def run_tile(args):
         xt, e, live = args
-        return jax.lax.cond(
-            live,
-            lambda: _ffn(xt, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e)),
-            lambda: jnp.zeros_like(xt))
+        return jax.lax.cond(live, lambda: expert_ffn(e, xt, w_gelu, w_up, w_down),
+                            lambda: jnp.zeros_like(xt))
 
     out = jax.lax.map(run_tile, (rows.reshape(num_tiles, tile, d), tile_expert, used))
     per_copy_out = jnp.zeros((copies, d), x.dtype).at[order].set(

@@ -46,6 +46,34 @@ class QuantizedWeight8bit:
                 f"scales={_describe(self.scales)})")
 
 
+@jax.tree_util.register_pytree_node_class
+class ExpertWeights:
+    """A stacked expert weight [E, ...] held as E separate arrays (float or 8-bit).
+
+    XLA:CPU copies a dynamically indexed slice of a stacked weight before the dot that
+    reads it (measured: 5x the time of reading the expert in place), so on CPU each expert
+    keeps its own buffer and the computation picks one with `lax.switch`.
+    """
+
+    def __init__(self, experts):
+        self.experts = tuple(experts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.experts), *self.experts[0].shape)
+
+    def tree_flatten(self):
+        return self.experts, None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(children)
+
+    def __repr__(self) -> str:
+        return f"ExpertWeights({len(self.experts)} x {self.experts[0]!r})"
+
+
 def _describe(x) -> str:
     dtype = getattr(x, "dtype", None)
     shape = getattr(x, "shape", None)
@@ -155,22 +183,26 @@ def storage_dtype(platform: str):
     return jnp.float32 if platform == "cpu" else jnp.bfloat16
 
 
-def store_params(params, mode: str, float_dtype):
+def store_params(params, mode: str, float_dtype, split_experts: bool = False):
     """Converts loaded parameters for inference, same numbers either way.
 
     The embedding table becomes its bf16 values (the release casts it to bf16 at every
     use); with `mode="dequantized"` the 8-bit weights become their exact bf16 values too.
-    Both are then held in `float_dtype`. Norms and the router stay float32.
+    Both are then held in `float_dtype`. Norms and the router stay float32. With
+    `split_experts`, stacked expert weights become `ExpertWeights`.
     """
     if mode not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
     to_float = jax.jit(lambda w: dequantize(w, jnp.bfloat16).astype(float_dtype))
+    split = jax.jit(lambda w: ExpertWeights(
+        jax.tree.map(lambda a, i=i: a[i], w) for i in range(w.shape[0])))
 
     def convert(path, value):
-        if is_quantized(value):
-            return to_float(value) if mode == "dequantized" else value
-        if path.endswith("in_out_embed/embeddings"):
-            return to_float(value)
+        if (is_quantized(value) and mode == "dequantized") \
+                or path.endswith("in_out_embed/embeddings"):
+            value = to_float(value)
+        if split_experts and re.search(r"/moe/linear(_v|_1)?/w$", path):
+            value = split(value)
         return value
     return map_params(convert, params)
 

@@ -94,11 +94,19 @@ def filter_logits(logits, params: SamplingParams, allowed=None) -> jax.Array:
     shift = jnp.max(jnp.where(allowed, logits, NEG), axis=-1, keepdims=True)
     scaled = jnp.maximum((logits - shift) / temperature, NEG)
     scaled = jnp.where(allowed, scaled, NEG)
-
-    ascending = jnp.sort(scaled, axis=-1)
-    # Top-k: keep logits >= the k-th largest (ties kept); 0 or k >= V keeps all.
     k = jnp.asarray(params.top_k, jnp.int32)[:, None]
     k = jnp.where((k <= 0) | (k > vocab), vocab, k)
+    top_p = jnp.asarray(params.top_p, jnp.float32)[:, None]
+    # Sorting the vocabulary is most of the sampler's cost; with top-k off and top_p = 1
+    # every token is kept, so the sort is skipped unless some row filters.
+    return jax.lax.cond(jnp.any((k < vocab) | (top_p < 1)), _top_k_top_p,
+                        lambda scaled, *_: scaled, scaled, k, top_p)
+
+
+def _top_k_top_p(scaled, k, top_p):
+    vocab = scaled.shape[-1]
+    ascending = jnp.sort(scaled, axis=-1)
+    # Top-k: keep logits >= the k-th largest (ties kept).
     kth = jnp.take_along_axis(ascending, vocab - k, axis=-1)
     scaled = jnp.where(scaled >= kth, scaled, NEG)
     # Everything is >= NEG, so removing the tokens below kth keeps `ascending` sorted.
@@ -107,7 +115,6 @@ def filter_logits(logits, params: SamplingParams, allowed=None) -> jax.Array:
     # Top-p, as the release: first ascending position where the cumulative probability
     # reaches 1 - top_p; keep every logit >= the logit there.
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-    top_p = jnp.asarray(params.top_p, jnp.float32)[:, None]
     position = jnp.min(jnp.where(cumulative >= 1 - top_p, jnp.arange(vocab), vocab - 1),
                        axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(ascending, position, axis=-1)
@@ -119,10 +126,12 @@ def sample(logits, keys, params: SamplingParams, allowed=None) -> Sample:
     row; allowed an optional bool[B, V] mask of tokens that may be drawn at all."""
     _check_shapes(logits, keys, params, allowed)
     logits = logits.astype(jnp.float32)
-    filtered = filter_logits(logits, params, allowed)
-    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
-    masked = logits if allowed is None else jnp.where(allowed, logits, NEG)
     greedy = jnp.asarray(params.temperature) == 0
+    drawn = jax.lax.cond(  # an all-greedy batch draws nothing
+        jnp.all(greedy), lambda: jnp.zeros(logits.shape[:1], jnp.int32),
+        lambda: jax.vmap(jax.random.categorical)(
+            keys, filter_logits(logits, params, allowed)).astype(jnp.int32))
+    masked = logits if allowed is None else jnp.where(allowed, logits, NEG)
     tokens = jnp.where(greedy, jnp.argmax(masked, axis=-1), drawn).astype(jnp.int32)
 
     logprobs = jax.nn.log_softmax(logits, axis=-1)
