@@ -9,6 +9,7 @@ and parameter named, not after minutes of loading or with a shape error deep ins
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -212,6 +213,27 @@ class _Progress:
             sys.stderr.flush()
 
 
+class _ByteBudget:
+    """Admits work while the bytes in flight stay within `limit` (one item always runs), so
+    parallel loading holds at most about one largest tensor's worth of transient copies."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        with self.cond:
+            self.cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= nbytes
+                self.cond.notify_all()
+
+
 def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     # Each device's callback reads only its own slice of the memory map.
     return jax.make_array_from_callback(
@@ -229,8 +251,10 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     False never, None once the load has taken over two seconds.
     """
     opened, treedef = _open_all(path, expected)
-    total = sum(leaf.nbytes for _, value in opened for leaf in jax.tree_util.tree_leaves(value))
-    meter = _Progress(len(opened), total, progress)
+    sizes = [sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(value))
+             for _, value in opened]
+    meter = _Progress(len(opened), sum(sizes), progress)
+    budget = _ByteBudget(max(sizes, default=0))
 
     def shard(name: str, kind: str, host: np.ndarray) -> jax.Array:
         sharding = sharding_for(name, kind, tuple(host.shape))
@@ -239,20 +263,21 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                              f"a {type(sharding).__name__}, not a jax.sharding.Sharding")
         return _place(host, sharding)
 
-    def load_one(item: tuple[str, Any]):
-        name, host = item
-        if isinstance(host, QuantizedWeight8bit):
-            value = QuantizedWeight8bit(shard(name, "weight", host.weight),
-                                        shard(name, "scales", host.scales))
-        else:
-            value = shard(name, "value", host)
-        jax.block_until_ready(value)
-        meter.add(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(host)))
+    def load_one(item: tuple[tuple[str, Any], int]):
+        (name, host), nbytes = item
+        with budget.hold(nbytes):
+            if isinstance(host, QuantizedWeight8bit):
+                value = QuantizedWeight8bit(shard(name, "weight", host.weight),
+                                            shard(name, "scales", host.scales))
+            else:
+                value = shard(name, "value", host)
+            jax.block_until_ready(value)
+        meter.add(nbytes)
         return value
 
     try:
         with ThreadPoolExecutor(min(_MAX_THREADS, max(len(opened), 1))) as pool:
-            leaves = list(pool.map(load_one, opened))
+            leaves = list(pool.map(load_one, zip(opened, sizes, strict=True)))
     finally:
         meter.close()
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -11,6 +11,8 @@ import re
 import shutil
 import struct
 import sys
+import threading
+import time
 import types
 from typing import ClassVar
 
@@ -566,3 +568,33 @@ def test_write_checkpoint_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"parameter trees must be nested dicts; found the path "
                                          r"\['a'\]\[0\]"):
         checkpoint.write_checkpoint(tmp_path, {"a": [np.ones(2, np.float32)]})
+
+
+def test_parallel_load_holds_at_most_the_largest_tensor_in_flight(nano_ckpt, monkeypatch):
+    """Tensors load on a thread pool, but never more bytes at once than the largest one:
+    the memory bound on transient copies."""
+    root, _ = nano_ckpt
+    in_flight, peak, most_at_once, lock = [0, 0], [0], [0], threading.Lock()
+    place = checkpoint._place
+
+    def tracking_place(host, sharding):
+        with lock:
+            in_flight[0] += host.nbytes
+            in_flight[1] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            most_at_once[0] = max(most_at_once[0], in_flight[1])
+        time.sleep(0.002)  # long enough for other threads to try to start
+        try:
+            return place(host, sharding)
+        finally:
+            with lock:
+                in_flight[0] -= host.nbytes
+                in_flight[1] -= 1
+
+    monkeypatch.setattr(checkpoint, "_place", tracking_place)
+    single = SingleDeviceSharding(jax.devices()[0])
+    checkpoint.load_checkpoint(root, spec_tree(NANO), lambda *_: single, progress=False)
+    sizes = [sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(value)) for _, value in
+             checkpoint.flatten(checkpoint.read_checkpoint(root, spec_tree(NANO)))[0]]
+    assert peak[0] <= max(sizes)
+    assert most_at_once[0] >= 2  # the small tensors did load in parallel
