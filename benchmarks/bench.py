@@ -58,20 +58,22 @@ def _write(config_path: str, directory: str) -> None:
     write_checkpoint(directory, random_params(GrokConfig.from_json(config_path)))
 
 
-def memory_bandwidth_gbs(size_bytes: int = 1 << 30) -> float:
-    """Read bandwidth as XLA achieves it on a 1 GiB float32 array: the best of five runs of
-    a sum and of a vector-matrix product (which XLA:CPU spreads over the cores)."""
-    width = 8192
-    matrix = jnp.ones((size_bytes // 4 // width, width), jnp.float32)
-    vector = jnp.ones((1, matrix.shape[0]), jnp.float32)
-    best = float("inf")
-    for fn, args in ((jax.jit(jnp.sum), (matrix,)), (jax.jit(jnp.matmul), (vector, matrix))):
-        fn(*args).block_until_ready()
-        for _ in range(5):
-            start = time.perf_counter()
-            fn(*args).block_until_ready()
-            best = min(best, time.perf_counter() - start)
-    return matrix.nbytes / best / 1e9
+def memory_bandwidth_gbs(total_bytes: int = 1 << 30, count: int = 32) -> float:
+    """Read bandwidth as decoding sees it: vector-matrix products over `count` distinct
+    float32 matrices of 1 GiB in all, far more than any cache holds (a single matrix of a
+    few tens of MB stays in L3 between runs and reads several times faster). Median of 5."""
+    rows = 1024
+    cols = total_bytes // 4 // count // rows
+    matrices = [jnp.full((rows, cols), i, jnp.float32) for i in range(count)]
+    vector = jnp.ones((1, rows), jnp.float32)
+    read_all = jax.jit(lambda v, ms: sum(v @ m for m in ms))
+    read_all(vector, matrices).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        read_all(vector, matrices).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return count * rows * cols * 4 / float(np.median(times)) / 1e9
 
 
 def active_bytes_per_token(grok: Grok) -> int:

@@ -12,6 +12,8 @@ from grok import sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
 from grok.generate import GenerationSettings, make_request
+from grok.moe import STRATEGIES
+from grok.quant import WEIGHT_MODES
 from grok.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help="SentencePiece model (default: %(default)s)")
     p.add_argument("--mesh", type=_mesh, help="DATAxMODEL devices (default: 1xALL)")
+    p.add_argument("--weights", choices=WEIGHT_MODES,
+                   help="int8: 8-bit weights on the devices; dequantized: their exact bf16 "
+                        "values, converted once (default: dequantized on CPU, else int8)")
+    p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
+                   help="sparse: only the chosen experts run; dense: all, as the release")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.01, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -94,7 +101,7 @@ def _run(args, out, err) -> None:
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=args.tokenizer,
-                     mesh_shape=args.mesh)
+                     mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
     events = grok.generator.run(request)

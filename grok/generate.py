@@ -194,20 +194,23 @@ class Generator:
 
         def prefill(params, tokens, lengths, seeds, settings, allowed):
             cache = init_cache(grok.config, tokens.shape[0], max_len)
-            logits, cache = grok.model.apply(params, tokens, cache, num_new=lengths)
+            # A fresh cache holds nothing past the prompt bucket: attend to that alone.
+            logits, cache = grok.model.apply(params, tokens, cache, num_new=lengths,
+                                             attend_len=tokens.shape[1])
             last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
             keys = _keys(seeds, jnp.zeros_like(lengths))
             return cache, sample(last.astype(jnp.float32), keys, settings, allowed)
         return prefill
 
-    def _decode_fn(self):
+    def _decode_fn(self, attend_len: int):
         grok = self.grok
 
         def decode(params, cache, tokens, steps, active, seeds, settings, allowed):
             """Feeds each row its last token; `steps` counts each row's tokens so far."""
             steps = steps + active
             logits, cache = grok.model.apply(params, tokens[:, None], cache,
-                                             num_new=active.astype(jnp.int32))
+                                             num_new=active.astype(jnp.int32),
+                                             attend_len=attend_len)
             drawn = sample(logits[:, 0].astype(jnp.float32), _keys(seeds, steps),
                            settings, allowed)
             return cache, drawn, steps
@@ -277,8 +280,12 @@ class Generator:
                 active_d, uploaded = self._put(active), active.copy()  # a row has finished
             args = (grok.params, cache, drawn_d.tokens, steps_d, active_d, seeds_d,
                     settings_d, allowed_d)
-            step = self._compiled_step(("decode", batch, max_len), self._decode_fn(), args,
-                                       donate=(1,))
+            # Attend to the filled part of the cache, bucketed: one compiled step per bucket.
+            filled = max(len(r.prompt_ids) + len(r.output_ids)
+                         for r, on in zip(rows, active, strict=False) if on)
+            attend = bucket(filled, cap=max_len)
+            step = self._compiled_step(("decode", batch, max_len, attend),
+                                       self._decode_fn(attend), args, donate=(1,))
             start = time.perf_counter()
             cache, drawn_d, steps_d = step(*args)
             drawn = jax.device_get(drawn_d)

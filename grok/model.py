@@ -106,7 +106,8 @@ class Attention(hk.Module):
         """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
 
         Without a cache the keys are the T new tokens (S = T). With one, the new keys and
-        values are written at slot `starts[b]` of each row and all S slots are attended.
+        values are written at slot `starts[b]` of each row, and the first S slots (S from
+        key_mask: the filled part of the cache, bucketed) are attended.
         """
         cfg = self.config
         b, t, _ = x.shape
@@ -119,7 +120,8 @@ class Attention(hk.Module):
 
         if kv is not None:
             kv = LayerCache(write_rows(kv.k, k, starts), write_rows(kv.v, v, starts))
-            k, v = kv.k, kv.v  # [B, S, K, C]
+            s = key_mask.shape[-1]
+            k, v = kv.k[:, :s], kv.v[:, :s]  # [B, S, K, C]
 
         q = q.reshape(b, t, k_heads, r, c)
         logits = jnp.einsum("btkrc,bskc->bkrts", q, k, preferred_element_type=jnp.float32)
@@ -221,12 +223,15 @@ class LanguageModel(hk.Module):
         self.config = config
         self.transformer = transformer
 
-    def __call__(self, tokens, cache: KVCache | None = None, num_new=None):
+    def __call__(self, tokens, cache: KVCache | None = None, num_new=None,
+                 attend_len: int | None = None):
         """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None).
 
         Without a cache the T tokens are whole sequences. With one, they continue each row
         at slot `cache.lengths[b]`; the first `num_new[b]` of them are real (the rest right
-        padding, default: all T), and the row's length advances by that many.
+        padding, default: all T), and the row's length advances by that many. Attention
+        then reads the first `attend_len` slots (static; default all): the caller keeps it
+        above every row's new length, and the cache must have room for the new tokens.
         """
         cfg = self.config
         b, t = tokens.shape
@@ -239,8 +244,10 @@ class LanguageModel(hk.Module):
             starts = cache.lengths
             positions = starts[:, None] + jnp.arange(t)[None, :]
             key_valid = write_rows(cache.key_valid, valid, starts)  # [B, S]
-        slots = jnp.arange(key_valid.shape[1])
-        key_mask = (slots[None, None, :] <= positions[:, :, None]) & key_valid[:, None, :]
+        attend = key_valid.shape[1] if attend_len is None else attend_len
+        slots = jnp.arange(attend)
+        key_mask = ((slots[None, None, :] <= positions[:, :, None])
+                    & key_valid[:, None, :attend])  # [B, T, S]
 
         embed = InOutEmbed(cfg)
         mesh = self.transformer.mesh
@@ -260,13 +267,14 @@ class LanguageModel(hk.Module):
 
 def build(config: GrokConfig, moe_strategy: str = "sparse",
           mesh: Mesh | None = None) -> hk.Transformed:
-    """The transformed model: `apply(params, tokens, cache=None, num_new=None)`.
+    """The transformed model: `apply(params, tokens, cache=None, num_new=None,
+    attend_len=None)`.
 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """
-    def forward(tokens, cache=None, num_new=None):
+    def forward(tokens, cache=None, num_new=None, attend_len=None):
         transformer = Transformer(config, moe_strategy, mesh)
-        return LanguageModel(config, transformer)(tokens, cache, num_new)
+        return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len)
     return hk.without_apply_rng(hk.transform(forward))
 
 

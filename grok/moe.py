@@ -72,17 +72,12 @@ def dense(x, gates, chosen, w_gelu, w_up, w_down):
 
 
 def per_copy(x, gates, chosen, w_gelu, w_up, w_down):
-    """Each of the N*X (token, expert) copies in turn, with only its expert's weights."""
+    """Each of the N*X (token, expert) copies with only its expert's weights. Unrolled (it
+    serves few copies), so XLA may run the copies' reads side by side."""
     n, num_chosen = chosen.shape
-
-    def one(copy):
-        token, e = copy
-        row = jax.lax.dynamic_index_in_dim(x, token, keepdims=True)  # [1, D]
-        return expert_ffn(e, row, w_gelu, w_up, w_down)[0]
-
-    tokens = jnp.repeat(jnp.arange(n), num_chosen)  # copy c is token c // X
-    out = jax.lax.map(one, (tokens, chosen.reshape(-1)))  # [N*X, D]
-    return combine(out.reshape(n, num_chosen, -1), gates)
+    out = [expert_ffn(chosen[c // num_chosen, c % num_chosen], x[c // num_chosen][None],
+                      w_gelu, w_up, w_down)[0] for c in range(n * num_chosen)]
+    return combine(jnp.stack(out).reshape(n, num_chosen, -1), gates)
 
 
 def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
