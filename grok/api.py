@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from grok import checkpoint, model, sharding
+from grok import checkpoint, distributed, model, sharding
 from grok.config import GrokConfig, resolve_config
 from grok.generate import Completion, GenerationSettings, Generator, Request, make_request
 from grok.moe import STRATEGIES
@@ -38,7 +38,8 @@ class Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
         `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
-        or a JSON path; `mesh_shape` is (data, model), default all devices on `model`.
+        or a JSON path; `mesh_shape` is (data, model), default all devices on `model` (in a
+        multi-process run, one `data` row per process; see `sharding.make_mesh`).
         `weights`: "int8" keeps 8-bit weights on the devices, "dequantized" turns them
         into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
         `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
@@ -55,7 +56,7 @@ class Grok:
         params = checkpoint.load_checkpoint(
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
-            progress=progress)
+            progress=progress if distributed.is_main_process() else False)
         platform = mesh.devices.flat[0].platform
         weights = default_weight_mode(platform) if weights is None else weights
         params = store_params(params, weights, storage_dtype(platform),
@@ -69,9 +70,9 @@ class Grok:
         rows = sharding.padded_batch(self.mesh, batch)
         padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
         padded[:batch] = tokens
-        placed = jax.device_put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
+        placed = sharding.put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
         out = self._forward(self.params, placed)
-        return np.asarray(out[:batch], dtype=np.float32)
+        return sharding.fetch(out[:batch]).astype(np.float32)
 
     @functools.cached_property
     def _forward(self):

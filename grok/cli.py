@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from grok import sharding
+from grok import demo, distributed, sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
 from grok.generate import GenerationSettings, make_request
@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help="folder holding ckpt-0, or ckpt-0 itself (default: %(default)s)")
+                   help=f"folder holding ckpt-0, or ckpt-0 itself (default: "
+                        f"{DEFAULT_CHECKPOINT}; while it holds no ckpt-0, the demo model)")
     p.add_argument("--config", default="grok-1",
                    help=f"preset ({', '.join(PRESETS)}) or JSON path (default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
+    distributed.add_arguments(p)
     return p
 
 
@@ -88,6 +90,8 @@ def _check_paths(args) -> None:
 
 
 def _run(args, out, err) -> None:
+    if args.demo:
+        print(demo.BANNER, file=err)
     # Everything a user can get wrong is checked before minutes go into loading.
     config = resolve_config(args.config)
     _check_paths(args)
@@ -96,7 +100,8 @@ def _run(args, out, err) -> None:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop)
     sharding.check_mesh(config, sharding.make_mesh(args.mesh))
-    prompts = _prompts(args)
+    examples = args.demo and not args.prompt and args.prompt_file is None
+    prompts = demo.example_prompts() if examples else _prompts(args)
     request = make_request(config, tokenizer, prompts, settings)
 
     start = time.perf_counter()
@@ -110,6 +115,10 @@ def _run(args, out, err) -> None:
             pass
         for completion in grok.generator.completions:
             out.write(json.dumps(completion.to_json(), ensure_ascii=False) + "\n")
+    elif examples:
+        for _ in events:
+            pass
+        demo.write_examples(grok.generator.completions, out)
     else:
         _stream_in_order(events, prompts, out)
     s = grok.generator.stats
@@ -143,10 +152,12 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     """Runs the command line; returns the exit code (2 for any input error)."""
     out, err = out or sys.stdout, err or sys.stderr
     try:
-        args = build_parser().parse_args(argv)
-        _run(args, out, err)
+        args = demo.parse_args(build_parser(), argv)
+        distributed.initialize(args)  # before anything touches a JAX backend
+        _run(args, *distributed.main_only(out, err))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=err)
+        distributed.exit_on_failure(2)
         return 2
     return 0
 

@@ -4,7 +4,9 @@ Shapes are bucketed (batch and prompt length to powers of two, the cache to the 
 request needs, rounded likewise), so new prompts of a seen bucket reuse compiled steps.
 Steps are compiled ahead of time and kept per shape key: `compile_count` and
 `compile_seconds` say exactly what was compiled. Each decode step donates the cache (updated
-in place) and returns only the sampled tokens and their log-probabilities to the host.
+in place) and returns only the sampled tokens and their log-probabilities to the host,
+replicated, so that every process of a multi-process run reads them and takes the same
+decisions.
 """
 
 from __future__ import annotations
@@ -177,12 +179,19 @@ class Generator:
         spec = sharding.KV_SPEC if x.ndim == 4 else P(sharding.DATA, *([None] * (x.ndim - 1)))
         return NamedSharding(self.grok.mesh, spec)
 
+    def _out_sharding(self, x):
+        """A step's draw (a few numbers per row) is replicated, so that any process can
+        read it; everything else stays split by rows."""
+        if isinstance(x, Sample):
+            return jax.tree.map(lambda _: NamedSharding(self.grok.mesh, P()), x)
+        return self._batch_sharding(x)
+
     def _compiled_step(self, key: tuple, fn, args, donate: tuple[int, ...] = ()):
         if key not in self._compiled:
             start = time.perf_counter()
-            in_shardings = (jax.tree.map(lambda a: a.sharding, args[0]),
-                            *(jax.tree.map(self._batch_sharding, a) for a in args[1:]))
-            out_shardings = jax.tree.map(self._batch_sharding, jax.eval_shape(fn, *args))
+            in_shardings = jax.tree.map(lambda a: a.sharding, args)
+            out_shardings = jax.tree.map(self._out_sharding, jax.eval_shape(fn, *args),
+                                         is_leaf=lambda x: isinstance(x, Sample))
             jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                              donate_argnums=donate)
             self._compiled[key] = jitted.lower(*args).compile()
@@ -218,7 +227,7 @@ class Generator:
 
     def _put(self, x):
         x = np.asarray(x)
-        return jax.device_put(x, self._batch_sharding(x))
+        return sharding.put(x, self._batch_sharding(x))
 
     # --- the loop -----------------------------------------------------------------------
 

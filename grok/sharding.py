@@ -12,6 +12,7 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -39,10 +40,16 @@ KV_SPEC = P(DATA, None, MODEL, None)  # [B, S, K, C]
 
 
 def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
-    """A (data, model) mesh over the first data*model devices (default: all on `model`)."""
+    """A (data, model) mesh over the first data*model devices (default: all on `model`).
+
+    With several processes the default is one row of `data` per process (`jax.devices()`
+    lists devices process by process), so that tensor parallelism stays inside a host, and
+    the mesh must use every device: a process without devices in it could not take part.
+    """
+    processes = jax.process_count() if devices is None else 1
     devices = list(jax.devices() if devices is None else devices)
     if mesh_shape is None:
-        mesh_shape = (1, len(devices))
+        mesh_shape = (processes, len(devices) // processes)
     if (not isinstance(mesh_shape, (tuple, list)) or len(mesh_shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
                        for n in mesh_shape)):
@@ -52,6 +59,9 @@ def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
     if data * model > len(devices):
         raise ValueError(f"mesh {data}x{model} needs {data * model} devices, but only "
                          f"{len(devices)} are available")
+    if processes > 1 and data * model != len(devices):
+        raise ValueError(f"mesh {data}x{model} uses {data * model} devices, but a run of "
+                         f"{processes} processes must use all {len(devices)}")
     grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
 
@@ -100,6 +110,22 @@ def param_sharding(mesh: Mesh, path: str, kind: str, shape) -> NamedSharding:
             raise ValueError(f"parameter {path!r} ({kind}): dimension {dim} of size {size} "
                              f"cannot be split {ways} ways over mesh axes {axes}")
     return NamedSharding(mesh, spec)
+
+
+def put(host, target: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array that every process holds whole and alike: each
+    device takes its slice (`jax.device_put` would check across processes first). The
+    slices are copies, so the caller may reuse `host` afterwards."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, target, lambda index: np.array(host[index]))
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+    """A global array's value on every process: read where this process holds all of it,
+    else gathered from the processes that hold its parts."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True)
 
 
 def padded_batch(mesh: Mesh, batch_size: int) -> int:

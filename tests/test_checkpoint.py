@@ -598,3 +598,158 @@ def test_parallel_load_holds_at_most_the_largest_tensor_in_flight(nano_ckpt, mon
              checkpoint.flatten(checkpoint.read_checkpoint(root, spec_tree(NANO)))[0]]
     assert peak[0] <= max(sizes)
     assert most_at_once[0] >= 2  # the small tensors did load in parallel
+
+
+# --- reading at scale ----------------------------------------------------------------------
+
+
+def count_reads(monkeypatch) -> list:
+    """Records (bytes, thread) for every read the loader makes from a tensor file."""
+    reads, read = [], checkpoint._read_piece
+
+    def counting(fd, host, src, dst):
+        reads.append((dst.nbytes, threading.get_ident()))
+        return read(fd, host, src, dst)
+
+    monkeypatch.setattr(checkpoint, "_read_piece", counting)
+    return reads
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_bad_last_file_fails_before_any_data_is_read(damage, nano_ckpt, monkeypatch):
+    """Every header is checked before the first byte of data is read: a damaged last file
+    stops the load before minutes go into the files before it."""
+    root, _ = nano_ckpt
+    last = tensor(root, 25)
+    data = last.read_bytes()
+    last.write_bytes(data[:-1] if damage == "truncated" else b"\x80\x04junk" + data[10:])
+    reads, placed = count_reads(monkeypatch), []
+    monkeypatch.setattr(checkpoint, "_place", lambda *args: placed.append(args))
+    single = SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError, match=r"tensor00025_000: "):
+        checkpoint.load_checkpoint(root, spec_tree(NANO), lambda *_: single, progress=False)
+    assert reads == [] and placed == []
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two devices (conftest sets eight)")
+@pytest.mark.parametrize("split_axis", [0, -1], ids=["rows", "columns"])
+def test_large_tensors_are_read_in_parallel_pieces(split_axis, nano_ckpt, monkeypatch):
+    """With pieces far smaller than the tensors, each shard is read in many pieces on
+    several threads, by positional reads (contiguous slices, split by rows) or through the
+    map (strided ones, split by columns); the result is the same arrays."""
+    root, _ = nano_ckpt
+    monkeypatch.setattr(checkpoint, "_PIECE_BYTES", 300)
+    reads = count_reads(monkeypatch)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+
+    def sharding_for(path, kind, shape):
+        spec = [None] * len(shape)
+        axis = split_axis % len(shape)
+        if shape[axis] % 2 == 0:
+            spec[axis] = "x"
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    params = checkpoint.load_checkpoint(root, spec_tree(NANO), sharding_for, progress=False)
+    host = checkpoint.read_checkpoint(root, spec_tree(NANO))
+    assert_same(params, host)
+    for array, mapped in zip(leaves(params), leaves(host), strict=True):
+        for shard in array.addressable_shards:
+            assert np.asarray(shard.data).tobytes() == np.ascontiguousarray(
+                mapped[shard.index]).tobytes()
+    assert sum(n for n, _ in reads) == sum(x.nbytes for x in leaves(host))
+    assert len(reads) > 200 and len({thread for _, thread in reads}) > 1
+
+
+def test_pieces_cover_a_view_once_within_the_limit():
+    base = np.arange(6 * 50 * 40, dtype=np.int16).reshape(6, 50, 40)
+    for view in (base, base[:, 10:30], base[2:5, :, 8:16], base[1], base[0, 0]):
+        for limit in (1, 64, 1000, 5000, 10**6):
+            covered = np.zeros(view.shape, int)
+            for piece in checkpoint._pieces(view, limit):
+                covered[piece] += 1
+                block = view[piece]
+                # A piece exceeds the limit only where one element of its split axis does.
+                assert checkpoint._span(block) <= max(limit, checkpoint._span(block[0])
+                                                      if block.ndim else 0)
+            assert (covered == 1).all()
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices (conftest sets eight)")
+def test_devices_holding_the_same_slice_share_one_read(nano_ckpt, monkeypatch):
+    root, _ = nano_ckpt
+    reads = count_reads(monkeypatch)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("x", "y"))
+
+    def sharding_for(path, kind, shape):  # split in two along "x", the same on both "y"s
+        return NamedSharding(mesh, PartitionSpec("x" if shape[0] % 2 == 0 else None))
+
+    params = checkpoint.load_checkpoint(root, spec_tree(NANO), sharding_for, progress=False)
+    assert_same(params, checkpoint.read_checkpoint(root, spec_tree(NANO)))
+    assert sum(n for n, _ in reads) == sum(x.nbytes for x in leaves(params))
+
+
+def test_loaded_arrays_do_not_depend_on_the_files(nano_ckpt):
+    """Shards are fresh buffers, never the memory map: rewriting the files in place (same
+    inodes) afterwards leaves what was loaded as it was."""
+    root, _ = nano_ckpt
+    single = SingleDeviceSharding(jax.devices()[0])
+    params = checkpoint.load_checkpoint(root, spec_tree(NANO), lambda *_: single,
+                                        progress=False)
+    want = [np.asarray(x).copy() for x in leaves(params)]
+    for path in (root / "ckpt-0").iterdir():
+        with open(path, "r+b") as f:
+            f.write(b"\0" * path.stat().st_size)
+    assert all(np.asarray(x).tobytes() == w.tobytes()
+               for x, w in zip(leaves(params), want, strict=True))
+
+
+# --- the converter (tools/convert_checkpoint.py) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converter():
+    import importlib.util
+
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint", REPO / "tools" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_converter_copies_the_release_files_exactly(converter, fixture_dir, tmp_path):
+    assert converter.main([str(fixture_dir), str(tmp_path / "copy"), "--config", "tiny"]) == 0
+    for index in range(26):
+        assert tensor(tmp_path / "copy", index).read_bytes() == \
+            tensor(fixture_dir, index).read_bytes()
+    assert json.loads((tmp_path / "copy" / "config.json").read_text()) == TINY.to_dict()
+
+
+def test_converter_keeps_the_first_layers(converter, fixture_dir, tmp_path):
+    summary = converter.convert(fixture_dir, tmp_path / "one", "tiny", layers=1)
+    assert summary["tensors"] == 2 + 12 and summary["num_layers"] == 1
+    smaller = dataclasses.replace(TINY, num_layers=1)
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    assert config == smaller.to_dict()
+    got = checkpoint.read_checkpoint(tmp_path / "one", smaller)  # validates every file
+    source = checkpoint.read_checkpoint(fixture_dir, TINY)
+    assert set(got) == {m for m in source if "decoder_layer_1/" not in m}
+    assert_same(got, {m: source[m] for m in got})
+    assert summary["bytes"] == sum(x.nbytes for x in leaves(got))
+
+
+def test_converter_refuses_bad_requests(converter, nano_ckpt, tmp_path, capsys):
+    root, _ = nano_ckpt
+    assert converter.main([str(root), str(tmp_path / "out"), "--config", "nano",
+                           "--layers", "3"]) == 2
+    assert "--layers must be between 1 and the source's num_layers=2, got 3" in \
+        capsys.readouterr().err
+    assert converter.main([str(root), str(root), "--config", "nano"]) == 2
+    assert "is the source checkpoint's own folder" in capsys.readouterr().err
+    assert converter.main([str(root), str(tmp_path / "out"), "--config", "tiny"]) == 2
+    assert "expected shape [4096, 256], found [512, 32]" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "ckpt-0").exists()  # checked before writing
+    assert converter.main([str(root), str(tmp_path / "out"), "--config", "nano"]) == 0
+    assert converter.main([str(root), str(tmp_path / "out"), "--config", "nano"]) == 2
+    assert "ckpt-0 is not empty" in capsys.readouterr().err
