@@ -28,20 +28,6 @@ TIMEOUT_S = 300
 EXAMPLE_LINE = re.compile(r"(\d+)\+(\d+)=(\S*) +right answer (\d+) +(correct|WRONG)")
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    """The demo model loaded once per (weights, mesh)."""
-    models = {}
-
-    def get(weights: str, mesh: tuple[int, int]) -> Grok:
-        if (weights, mesh) not in models:
-            models[weights, mesh] = Grok.load(
-                demo.DEMO_CHECKPOINT, demo.DEMO_CONFIG, tokenizer_path=demo.DEMO_TOKENIZER,
-                mesh_shape=mesh, weights=weights)
-        return models[weights, mesh]
-    return get
-
-
 def greedy(grok: Grok, prompts):
     return grok.generate(prompts, temperature=0, max_new_tokens=demo.MAX_NEW_TOKENS)
 
@@ -60,10 +46,13 @@ def test_held_out_problems_never_reach_training():
 
 @pytest.mark.parametrize("mesh", [(1, 1), (1, 2)])
 @pytest.mark.parametrize("weights", ["int8", "dequantized"])
-def test_demo_adds_numbers_it_never_saw(loaded, weights, mesh):
-    """Measured when the model was trained: 200 of 200 right in every mode and mesh."""
+def test_demo_adds_numbers_it_never_saw(weights, mesh):
+    """Measured: 199 of these 200 right (200 with int8 weights on 1x2), 995 of 1000 on
+    another seed, in every weight mode and on meshes 1x1, 1x2, 2x1 and 2x2."""
+    grok = Grok.load(demo.DEMO_CHECKPOINT, demo.DEMO_CONFIG,
+                     tokenizer_path=demo.DEMO_TOKENIZER, mesh_shape=mesh, weights=weights)
     pairs = demo.fresh_problems(FRESH_SEED, FRESH)
-    completions = greedy(loaded(weights, mesh), [demo.prompt(a, b) for a, b in pairs])
+    completions = greedy(grok, [demo.prompt(a, b) for a, b in pairs])
     right = [demo.is_right(a, b, c.text) and c.finish_reason == "eos"
              for (a, b), c in zip(pairs, completions, strict=True)]
     assert sum(right) >= MIN_RIGHT * FRESH, [
