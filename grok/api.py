@@ -32,7 +32,7 @@ class Grok:
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
-             tokenizer_path: str | os.PathLike | None = None,
+             tokenizer_path: str | os.PathLike | Tokenizer | None = None,
              mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
              moe: str = "sparse", progress: bool | None = None) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
@@ -43,14 +43,17 @@ class Grok:
         `weights`: "int8" keeps 8-bit weights on the devices, "dequantized" turns them
         into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
         `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
+        `tokenizer_path` may also be a `Tokenizer` already read (the CLI reads it first, to
+        check prompts before the long load).
         """
         if moe not in STRATEGIES:
             raise ValueError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
         if weights not in (None, *WEIGHT_MODES):
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         config = resolve_config(config)
-        tokenizer = None if tokenizer_path is None else Tokenizer.from_config(tokenizer_path,
-                                                                              config)
+        tokenizer = tokenizer_path
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            tokenizer = Tokenizer.from_config(tokenizer_path, config)
         mesh = sharding.make_mesh(mesh_shape)
         sharding.check_mesh(config, mesh)
         params = checkpoint.load_checkpoint(

@@ -105,7 +105,7 @@ def _run(args, out, err) -> None:
     request = make_request(config, tokenizer, prompts, settings)
 
     start = time.perf_counter()
-    grok = Grok.load(args.checkpoint, config, tokenizer_path=args.tokenizer,
+    grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                      mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)

@@ -341,7 +341,8 @@ class Generator:
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of `text` that begins some stop string."""
-    for k in range(max((len(s) for s in stops), default=1) - 1, 0, -1):
-        if any(s.startswith(text[-k:]) for s in stops if len(s) > k) and len(text) >= k:
+    longest = max((len(s) for s in stops), default=1)
+    for k in range(min(longest - 1, len(text)), 0, -1):
+        if any(len(s) > k and s.startswith(text[-k:]) for s in stops):
             return k
     return 0
