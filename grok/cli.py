@@ -42,6 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(description="Sample text from a Grok-1 checkpoint.")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    add_model_arguments(p)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.01, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 is off")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of streaming text")
+    distributed.add_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model to load and how: shared by run.py and the server."""
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"folder holding ckpt-0, or ckpt-0 itself (default: "
                         f"{DEFAULT_CHECKPOINT}; while it holds no ckpt-0, the demo model)")
@@ -55,16 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "values, converted once (default: dequantized on CPU, else int8)")
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
                    help="sparse: only the chosen experts run; dense: all, as the release")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.01, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 is off")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt instead of streaming text")
-    distributed.add_arguments(p)
-    return p
 
 
 def _prompts(args) -> list[str]:
