@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -150,10 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(uv_config, service, args.grace)
     worker.start()
     server.run()
-    worker.stop(timeout=60)
+    worker.stop(timeout=0 if worker.state == "loading" else 60)
     if worker.state == "failed":
         distributed.exit_on_failure(1)
         return 1
+    if worker.state == "loading":
+        # Stopped before the model was ready: a compile cannot be interrupted, and the
+        # interpreter must not tear down under it.
+        log.info("stopped while loading")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
     log.info("stopped")
     return 0
 

@@ -166,11 +166,11 @@ async def _run(service: Service, http: Request, prompts: Sequence[str | list[int
                sampling: Sampling, fmt: _Format) -> Response:
     """Queues one engine request per prompt and choice (choice j of prompt i has index
     i * n + j, as OpenAI numbers them) and answers with their results."""
+    capacity, count = service.admission.capacity, len(prompts) * sampling.n
+    if count > capacity:
+        raise bad_request(f"{len(prompts)} prompt(s) x n={sampling.n} is {count} sequences, "
+                          f"more than this server holds at once ({capacity})", "n")
     requests = _engine_requests(service.worker.engine, prompts, sampling)
-    capacity = service.admission.capacity
-    if len(requests) > capacity:
-        raise bad_request(f"{len(prompts)} prompt(s) x n={sampling.n} is {len(requests)} "
-                          f"sequences, more than this server holds at once ({capacity})", "n")
     if not service.admission.try_take(len(requests)):
         service.metrics.rejected.labels("429").inc()
         raise ApiError(429, "the server is busy: its queue is full, try again shortly",
@@ -193,11 +193,11 @@ def _engine_requests(engine, prompts: Sequence[str | list[int]],
     """Checks and tokenizes each prompt once; its n choices differ only in their seeds."""
     out = []
     for i, prompt in enumerate(prompts):
+        label = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         try:
-            first = engine.make_request(prompt, sampling.settings(0))
+            first = engine.make_request(prompt, sampling.settings(0), label=label)
         except GrokError as e:
-            where = f"prompt {i}: " if len(prompts) > 1 else ""
-            raise bad_request(f"{where}{e}", "prompt") from None
+            raise bad_request(str(e), "prompt") from None
         out.append(first)
         out += [dataclasses.replace(first, settings=sampling.settings(j))
                 for j in range(1, sampling.n)]

@@ -190,7 +190,8 @@ def _sampling(body: dict, max_tokens_names: Sequence[str]) -> Sampling:
         model=model, max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
         top_k=0 if top_k == -1 else top_k,  # -1 is "off" in vLLM's API
-        n=_int(body, "n", 1, lo=1), seed=_int(body, "seed", None),
+        n=_int(body, "n", 1, lo=1),
+        seed=_int(body, "seed", None, lo=-(2**63), hi=2**63 - 1),
         stop=_stop(body), stream=stream, include_usage=include_usage,
         ignore_eos=_bool(body, "ignore_eos", False))
     sampling.settings(0)  # the engine's own range checks, before anything is queued
