@@ -98,8 +98,10 @@ def time_prefill(grok: Grok, length: int, repeats: int = 3) -> float:
     prompt = random_prompts(grok.config, 1, length, seed=length)
     best = float("inf")
     for _ in range(repeats):
-        grok.generate(prompt, max_new_tokens=1, temperature=0)
-        best = min(best, grok.generator.stats["prefill_s"])
+        run = grok.run(prompt, max_new_tokens=1, temperature=0)
+        for _ in run:
+            pass
+        best = min(best, run.stats.prefill_s)
     return best
 
 
@@ -110,10 +112,11 @@ def time_decode(grok: Grok, batch: int, repeats: int = 3) -> float:
     prompts = random_prompts(cfg, batch, PROMPT_LEN, seed=batch)
     best = float("inf")
     for _ in range(repeats):
-        grok.generate(prompts, max_new_tokens=DECODE_STEPS + 1, temperature=0,
-                      allowed_tokens=no_eos)
-        stats = grok.generator.stats
-        best = min(best, stats["decode_s"] / DECODE_STEPS)
+        run = grok.run(prompts, max_new_tokens=DECODE_STEPS + 1, temperature=0,
+                       allowed_tokens=no_eos)
+        for _ in run:
+            pass
+        best = min(best, run.stats.decode_s / run.stats.decode_steps)
     return best * 1e3
 
 
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
         prefill = {n: time_prefill(grok, n) for n in (PROMPT_LEN, config.sequence_len - 1)}
         log("decode (sparse) ...")
         sparse = {b: time_decode(grok, b) for b in (1, 8)}
-        compile_s = grok.generator.compile_seconds
+        compile_s = grok.compile_seconds
         log("decode (dense) ...")
         dense_grok = Grok(config, grok.params, grok.mesh, moe_strategy="dense")
         dense = {b: time_decode(dense_grok, b) for b in (1, 8)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -12,7 +12,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from grok import checkpoint, distributed, model, sharding
 from grok.config import GrokConfig, resolve_config
-from grok.generate import Completion, GenerationSettings, Generator, Request, make_request
+from grok.engine.engine import Engine, bucket
+from grok.engine.request import Completion, Event, GenerationSettings, make_request
+from grok.engine.scheduler import Scheduler, Stats
+from grok.errors import GrokError
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
 from grok.tokenizer import Tokenizer
@@ -28,7 +31,7 @@ class Grok:
         self.mesh = mesh
         self.tokenizer = tokenizer
         self.model = model.build(config, moe_strategy, mesh)
-        self.generator = Generator(self)
+        self._engines: dict[tuple[int, int], Engine] = {}
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
@@ -81,11 +84,51 @@ class Grok:
     def _forward(self):
         return jax.jit(lambda params, tokens: self.model.apply(params, tokens)[0])
 
-    def request(self, prompts: Prompt | Sequence[Prompt], **settings) -> tuple[bool, Request]:
-        """Checks prompts and settings (see `GenerationSettings`) before any work."""
+    def engine(self, max_batch: int, max_seq_len: int | None = None,
+               log: Callable[[str], None] | None = None) -> Engine:
+        """The engine for `max_batch` slots of `max_seq_len` positions (default: the model's
+        context); kept, so its compiled steps serve every later call of the same shape.
+        `log`, if given, is told of each compile as it finishes."""
+        max_seq_len = self.config.sequence_len if max_seq_len is None else max_seq_len
+        key = (max_batch, max_seq_len)
+        if key not in self._engines:
+            self._engines[key] = Engine(self, max_batch, max_seq_len)
+        engine = self._engines[key]
+        if log is not None:
+            engine.log = log
+        return engine
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far by this model's engines."""
+        return sum(engine.compile_count for engine in self._engines.values())
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(engine.compile_seconds for engine in self._engines.values())
+
+    def run(self, prompts: Prompt | Sequence[Prompt], log: Callable[[str], None] | None = None,
+            **settings) -> GenerationRun:
+        """Checks prompts and settings before any device work and returns the run, which
+        decodes as it is iterated (see `GenerationRun`)."""
         single, batch = _as_batch(prompts)
-        return single, make_request(self.config, self.tokenizer, batch,
-                                    GenerationSettings(**settings))
+        if not batch:
+            raise GrokError("no prompts given")
+        seed = settings.pop("seed", GenerationSettings.seed)
+        seeds = [seed] * len(batch) if isinstance(seed, (int, np.integer)) else list(seed)
+        if len(seeds) != len(batch):
+            raise GrokError(f"seed must be an int or one int per prompt ({len(batch)}), "
+                            f"got {seed!r:.80}")
+        requests = [make_request(self.config, self.tokenizer, prompt,
+                                 GenerationSettings(seed=s, **settings), label=f"prompt {i}")
+                    for i, (prompt, s) in enumerate(zip(batch, seeds, strict=True))]
+        # The smallest cache that holds every request, bucketed so that calls alike in size
+        # share an engine and its compiled steps.
+        needed = max(len(r.prompt_ids) + r.settings.max_new_tokens for r in requests)
+        max_seq_len = bucket(needed, cap=self.config.sequence_len)
+        engine = self.engine(bucket(len(requests), cap=1 << 30, minimum=1), max_seq_len,
+                             log=log)
+        return GenerationRun(single, engine, requests)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **settings
                  ) -> Completion | list[Completion]:
@@ -93,25 +136,50 @@ class Grok:
 
         A prompt is a string (needs the tokenizer) or a list of token ids. Settings are the
         fields of `GenerationSettings`: max_new_tokens, temperature (0: greedy), top_p,
-        top_k (0: off), seed, stop, allowed_tokens; defaults are the release's. Each row
-        stops at EOS, at a stop string, or after max_new_tokens. One prompt in gives one
-        `Completion` out; a list gives a list, in prompt order.
+        top_k (0: off), seed (one, or one per prompt), stop, ignore_eos, allowed_tokens;
+        defaults are the release's. Each row stops at EOS, at a stop string, or after
+        max_new_tokens. One prompt in gives one `Completion` out; a list gives a list, in
+        prompt order.
         """
-        single, request = self.request(prompts, **settings)
-        for _ in self.generator.run(request):
+        run = self.run(prompts, **settings)
+        for _ in run:
             pass
-        out = self.generator.completions
-        return out[0] if single else out
+        return run.completions[0] if run.single else run.completions
 
     def stream(self, prompts: Prompt | Sequence[Prompt], **settings
                ) -> Iterator[str] | Iterator[tuple[int, str]]:
         """Like `generate`, yielding text as it is produced: strings for one prompt,
-        (prompt index, text) pairs for a list. The completions are in
-        `self.generator.completions` afterwards."""
-        single, request = self.request(prompts, **settings)
-        for index, piece, _ in self.generator.run(request):
-            if piece:
-                yield piece if single else (index, piece)
+        (prompt index, text) pairs for a list. (`run` gives the tokens and completions.)"""
+        run = self.run(prompts, **settings)
+        for index, event in run:
+            if event.text:
+                yield event.text if run.single else (index, event.text)
+
+
+class GenerationRun:
+    """One call's prompts on an engine. Iterating decodes and yields (prompt index, Event)
+    as tokens arrive; `completions` (prompt order) and `stats` are complete afterwards."""
+
+    def __init__(self, single: bool, engine: Engine, requests: list):
+        self.single = single
+        self.engine = engine
+        self.requests = requests
+        self.completions: list[Completion | None] = [None] * len(requests)
+        self.stats = Stats()
+        self.compile_s = 0.0
+
+    def __iter__(self) -> Iterator[tuple[int, Event]]:
+        compiled_before = self.engine.compile_seconds
+        scheduler = Scheduler(self.engine, shrink_rows=False)
+        index = {scheduler.submit(r): i for i, r in enumerate(self.requests)}
+        while scheduler.has_work:
+            for event in scheduler.step():
+                i = index[event.request_id]
+                if event.completion is not None:
+                    self.completions[i] = event.completion
+                yield i, event
+        self.stats = scheduler.stats
+        self.compile_s = self.engine.compile_seconds - compiled_before
 
 
 Prompt = str | Sequence[int]

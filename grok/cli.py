@@ -11,7 +11,7 @@ from pathlib import Path
 from grok import demo, distributed, sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
-from grok.generate import GenerationSettings, make_request
+from grok.engine.request import GenerationSettings, make_request
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES
 from grok.tokenizer import Tokenizer
@@ -101,36 +101,37 @@ def _run(args, out, err) -> None:
     config = resolve_config(args.config)
     _check_paths(args)
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
-    settings = GenerationSettings(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     sharding.check_mesh(config, sharding.make_mesh(args.mesh))
     examples = args.demo and not args.prompt and args.prompt_file is None
     prompts = demo.example_prompts() if examples else _prompts(args)
-    request = make_request(config, tokenizer, prompts, settings)
+    # The checks `Grok.run` makes, before the load rather than after it.
+    for i, prompt in enumerate(prompts):
+        make_request(config, tokenizer, prompt, GenerationSettings(**settings),
+                     label=f"prompt {i}")
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                      mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
-    events = grok.generator.run(request)
-    if args.json:
-        for _ in events:
+    run = grok.run(prompts, log=lambda line: print(line, file=err, flush=True), **settings)
+    if args.json or examples:
+        for _ in run:
             pass
-        for completion in grok.generator.completions:
-            out.write(json.dumps(completion.to_json(), ensure_ascii=False) + "\n")
-    elif examples:
-        for _ in events:
-            pass
-        demo.write_examples(grok.generator.completions, out)
+        if args.json:
+            for completion in run.completions:
+                out.write(json.dumps(completion.to_json(), ensure_ascii=False) + "\n")
+        else:
+            demo.write_examples(run.completions, out)
     else:
-        _stream_in_order(events, prompts, out)
-    s = grok.generator.stats
-    rate = s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else float("nan")
-    print(f"compile {s['compile_s']:.1f} s, prefill {s['prefill_s']:.2f} s "
-          f"({s['prefill_tokens']} tokens), decode {rate:.1f} tokens/s "
-          f"({s['decode_tokens']} tokens)", file=err)
+        _stream_in_order(run, prompts, out)
+    s = run.stats
+    rate = s.decode_tokens / s.decode_s if s.decode_s > 0 else float("nan")
+    print(f"compile {run.compile_s:.1f} s, prefill {s.prefill_s:.2f} s "
+          f"({s.prefill_tokens} tokens), decode {rate:.1f} tokens/s "
+          f"({s.decode_tokens} tokens)", file=err)
 
 
 def _stream_in_order(events, prompts: list[str], out) -> None:
@@ -138,8 +139,8 @@ def _stream_in_order(events, prompts: list[str], out) -> None:
     later ones wait in a buffer until the ones before them are done."""
     pending: dict[int, list] = {i: [] for i in range(len(prompts))}  # None: row finished
     current, headed = 0, -1
-    for index, piece, done in events:
-        pending[index] += [piece, None] if done else [piece]
+    for index, event in events:
+        pending[index] += [event.text, None] if event.finished else [event.text]
         while current < len(prompts) and pending[current]:
             if len(prompts) > 1 and headed < current:
                 out.write(f"--- prompt {current}: {prompts[current]}\n")

@@ -21,6 +21,9 @@ class LayerCache(NamedTuple):
 
 
 class KVCache(NamedTuple):
+    """A forward pass over tokens [B, T] uses the first B rows; the cache may hold more
+    (the engine's decode state runs only the slots in use)."""
+
     layers: tuple[LayerCache, ...]
     lengths: jax.Array  # [B] int32: slots filled so far (the next token's position)
     key_valid: jax.Array  # [B, S] bool: slot holds a non-pad token (the release masks pads)
@@ -41,8 +44,16 @@ def init_cache(config: GrokConfig, batch_size: int, max_len: int | None = None,
                    jnp.zeros((batch_size, max_len), bool))
 
 
-def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Writes `new[b]` ([T, ...]) into `buffer[b]` ([S, ...]) at slot `starts[b]`, per row."""
-    return jax.vmap(
-        lambda buf, x, s: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), s, 0)
-    )(buffer, new, starts)
+def write_rows(buffer: jax.Array,  # [B0, S, ...]
+               new: jax.Array,  # [B, T, ...], B <= B0
+               starts: jax.Array,  # [B] int32
+               ) -> jax.Array:
+    """Writes `new[b]` into `buffer[b]` at slots `starts[b]...`, for the first B rows.
+
+    A scatter, so a donated buffer is updated in place and rows past B (free slots of a
+    decode state) are neither read nor copied; writes past the last slot are dropped.
+    """
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    slots = starts[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")

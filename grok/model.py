@@ -121,7 +121,7 @@ class Attention(hk.Module):
         if kv is not None:
             kv = LayerCache(write_rows(kv.k, k, starts), write_rows(kv.v, v, starts))
             s = key_mask.shape[-1]
-            k, v = kv.k[:, :s], kv.v[:, :s]  # [B, S, K, C]
+            k, v = kv.k[:b, :s], kv.v[:b, :s]  # [B, S, K, C]
 
         q = q.reshape(b, t, k_heads, r, c)
         logits = jnp.einsum("btkrc,bskc->bkrts", q, k, preferred_element_type=jnp.float32)
@@ -227,8 +227,9 @@ class LanguageModel(hk.Module):
                  attend_len: int | None = None):
         """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None).
 
-        Without a cache the T tokens are whole sequences. With one, they continue each row
-        at slot `cache.lengths[b]`; the first `num_new[b]` of them are real (the rest right
+        Without a cache the T tokens are whole sequences. With one, they continue the
+        cache's first B rows (it may hold more, left untouched), each at slot
+        `cache.lengths[b]`; the first `num_new[b]` of them are real (the rest right
         padding, default: all T), and the row's length advances by that many. Attention
         then reads the first `attend_len` slots (static; default all): the caller keeps it
         above every row's new length, and the cache must have room for the new tokens.
@@ -240,10 +241,10 @@ class LanguageModel(hk.Module):
             starts = None
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
             key_valid = valid  # [B, S=T]
-        else:
-            starts = cache.lengths
+        else:  # the tokens continue the cache's first B rows
+            starts = cache.lengths[:b]
             positions = starts[:, None] + jnp.arange(t)[None, :]
-            key_valid = write_rows(cache.key_valid, valid, starts)  # [B, S]
+            key_valid = write_rows(cache.key_valid[:b], valid, starts)  # [B, S]
         attend = key_valid.shape[1] if attend_len is None else attend_len
         slots = jnp.arange(attend)
         key_mask = ((slots[None, None, :] <= positions[:, :, None])
@@ -262,7 +263,8 @@ class LanguageModel(hk.Module):
         if cache is None:
             return logits, None
         num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-        return logits, KVCache(tuple(layers), cache.lengths + num_new, key_valid)
+        return logits, KVCache(tuple(layers), cache.lengths.at[:b].add(num_new),
+                               cache.key_valid.at[:b].set(key_valid))
 
 
 def build(config: GrokConfig, moe_strategy: str = "sparse",

@@ -352,12 +352,12 @@ def test_same_bucket_compiles_nothing_new(grok):
     rng = np.random.default_rng(7)
     ids = [int(t) for t in rng.integers(3, 4096, 20)]
     grok.generate(ids[:5], max_new_tokens=NEW, temperature=0)
-    count = grok.generator.compile_count
+    count = grok.compile_count
     assert count >= 2  # a prefill and a decode step
     grok.generate(ids[:6], max_new_tokens=NEW, temperature=0)  # same bucket 16
-    assert grok.generator.compile_count == count
+    assert grok.compile_count == count
     grok.generate(ids[:20], max_new_tokens=NEW, temperature=0)  # bucket 32: a new prefill
-    assert grok.generator.compile_count > count
+    assert grok.compile_count > count
 
 
 # --- streaming -------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_stream(tokenized, reference):
     pairs = list(tokenized.stream([reference["prompt"], PB, PA], **settings))
     assert all(isinstance(i, int) and isinstance(p, str) for i, p in pairs)
     assert {i for i, _ in pairs} == {0, 1, 2}
-    completions = tokenized.generator.completions
+    completions = tokenized.generate([reference["prompt"], PB, PA], **settings)
     for index in (0, 1, 2):
         assert "".join(p for i, p in pairs if i == index) == completions[index].text
     assert completions[0].text == "".join(pieces)

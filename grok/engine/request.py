@@ -41,12 +41,11 @@ class GenerationSettings:
             check_settings(self.temperature, self.top_p, self.top_k)
         except ValueError as e:
             raise GrokError(str(e)) from None
-        for name in ("max_new_tokens", "seed"):
+        for name, low in (("max_new_tokens", 1), ("seed", -(2**63))):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise GrokError(f"{name} must be an integer, got {value!r:.80}")
-        if self.max_new_tokens < 1:
-            raise GrokError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or not low <= value < 2**63:
+                raise GrokError(f"{name} must be an integer >= {low}, got {value!r:.80}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise GrokError(f"stop strings must be non-empty strings, got {list(stop)!r:.200}")
         if not isinstance(self.ignore_eos, bool):
@@ -63,17 +62,22 @@ class Request:
 
 
 def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
-                 settings: GenerationSettings, max_seq_len: int | None = None) -> Request:
+                 settings: GenerationSettings, max_seq_len: int | None = None,
+                 label: str = "the prompt") -> Request:
     """Validates what a user can get wrong; each error names the value and the range.
 
-    `max_seq_len` is the context the request must fit (default: the model's).
+    `max_seq_len` is the context the request must fit (default: the model's);
+    `label` names the prompt in messages ("prompt 3" in a batch).
     """
-    limit = config.sequence_len if max_seq_len is None else max_seq_len
+    if max_seq_len is None:
+        limit, limit_name = config.sequence_len, "sequence_len"
+    else:
+        limit, limit_name = max_seq_len, "max_seq_len"
     if settings.stop and tokenizer is None:
         raise GrokError("stop strings need a tokenizer (pass tokenizer_path to Grok.load)")
     if isinstance(prompt, str):
         if not prompt:
-            raise GrokError("the prompt is empty")
+            raise GrokError(f"{label} is empty")
         if tokenizer is None:
             raise GrokError("text prompts need a tokenizer: pass tokenizer_path to Grok.load, "
                             "or give prompts as token-id lists")
@@ -84,16 +88,16 @@ def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | 
             raise GrokError("a token-id prompt must hold integers only")
         ids = [int(t) for t in flat]
     if not ids:
-        raise GrokError("the prompt is empty")
+        raise GrokError(f"{label} is empty")
     try:
         config.check_tokens([ids])
     except ValueError as e:
-        raise GrokError(f"prompt: {e}") from None
+        raise GrokError(f"{label}: {e}") from None
     if len(ids) + settings.max_new_tokens > limit:
         raise GrokError(
-            f"the prompt has {len(ids)} token{'s' * (len(ids) != 1)}; with max_new_tokens="
+            f"{label} has {len(ids)} token{'s' * (len(ids) != 1)}; with max_new_tokens="
             f"{settings.max_new_tokens} it needs {len(ids) + settings.max_new_tokens} "
-            f"positions, more than the {limit} of the context")
+            f"positions, more than {limit_name}={limit}")
     if settings.allowed_tokens is not None:
         chosen = settings.allowed_tokens
         if not chosen or any(isinstance(t, bool) or not isinstance(t, (int, np.integer))

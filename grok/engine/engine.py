@@ -1,0 +1,375 @@
+"""Compiled steps over a fixed set of decode slots: prefill, insert, generate.
+
+The contract (after JetStream's engine API): `prefill` runs a few prompts through the model
+into a fresh cache of their own and draws each one's first token; `insert` writes those rows
+into free slots of the persistent `DecodeState` (rows of one KV cache of `slots` x
+`max_seq_len`); `generate` advances every slot in use by one token. The engine keeps no
+notion of requests: which slot holds what, and when a row is done, is the scheduler's
+business (`grok.engine.scheduler`).
+
+Shapes are bucketed so that a few compiled programs serve every request: prefill batches and
+the decode rows to powers of two (padded to the mesh's data axis), prompt lengths and the
+attended part of the cache to powers of two from `MIN_BUCKET`. Each program is compiled
+ahead of time once per shape and kept; `warmup` compiles all of them. Every array of the
+decode state declares its layout in `state_specs`, so placements are looked up, not guessed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from grok import sharding
+from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
+from grok.errors import GrokError
+from grok.kv_cache import KVCache, LayerCache, init_cache
+from grok.sampling import Sample, SamplingParams, sample
+from grok.sharding import DATA, KV_SPEC
+
+MIN_BUCKET = 16  # smallest prompt-length and attention bucket
+MAX_SLOTS = 4096  # a sanity bound on max_batch: far past what any device holds
+
+ROWS = P(DATA)  # [B]: one value per row, rows split over `data`
+ROWS_BY_VOCAB = P(DATA, None)  # [B, V]
+ROWS_BY_SLOT = P(DATA, None)  # [B, S]
+REPLICATED = P()  # a step's draw: every process reads it
+
+
+def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
+    """`n` rounded up to a power of two (at least `minimum`), at most `cap`."""
+    return min(cap, max(minimum, 1 << max(n - 1, 0).bit_length()))
+
+
+class DecodeState(NamedTuple):
+    """Everything a decode step needs, one row per slot; lives on the devices."""
+
+    cache: KVCache  # layers [B, S, K, C] each; lengths [B]; key_valid [B, S]
+    tokens: jax.Array  # i32[B]: the slot's last drawn token, fed to the next step
+    steps: jax.Array  # i32[B]: tokens drawn so far by the slot's request (its PRNG step)
+    seeds: jax.Array  # u32[B]
+    sampling: SamplingParams  # [B] each
+    allowed: jax.Array  # bool[B, V]: tokens the slot's request may draw
+
+
+class Prefix(NamedTuple):
+    """Prompts prefilled together, waiting to be inserted into slots (on the devices)."""
+
+    cache: KVCache  # layers [Bp, T, K, C]; lengths [Bp]; key_valid [Bp, T]
+    first: Sample  # [Bp]: the first drawn token of each row
+    seeds: jax.Array  # u32[Bp]
+    sampling: SamplingParams
+    allowed: jax.Array  # bool[Bp, V]
+
+
+def _cache_specs(num_layers: int) -> KVCache:
+    return KVCache(tuple(LayerCache(KV_SPEC, KV_SPEC) for _ in range(num_layers)),
+                   ROWS, ROWS_BY_SLOT)
+
+
+def state_specs(num_layers: int) -> DecodeState:
+    """The layout of every decode-state array: rows over `data`, heads over `model`."""
+    return DecodeState(_cache_specs(num_layers), ROWS, ROWS, ROWS,
+                       SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB)
+
+
+def prefix_specs(num_layers: int) -> Prefix:
+    return Prefix(_cache_specs(num_layers), Sample(*(REPLICATED,) * 4), ROWS,
+                  SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB)
+
+
+def _keys(seeds, steps):
+    """One PRNG key per row from its request's seed and its own step: same seed, same draws,
+    whatever else shares the batch."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
+
+
+def _seed_bits(seed: int) -> int:
+    return seed % (1 << 32)
+
+
+class Engine:
+    """Compiled steps for one loaded model and one decode-state shape."""
+
+    def __init__(self, grok, max_batch: int, max_seq_len: int,
+                 log: Callable[[str], None] | None = None):
+        cfg = grok.config
+        for name, value, low, high in (("max_batch", max_batch, 1, MAX_SLOTS),
+                                       ("max_seq_len", max_seq_len, 2, cfg.sequence_len)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not low <= value <= high:
+                raise GrokError(f"{name} must be an integer in [{low}, {high}], "
+                                f"got {value!r:.40}")
+        self.grok = grok
+        self.config = cfg
+        self.mesh = grok.mesh
+        self.slots = sharding.padded_batch(grok.mesh, max_batch)  # rows of the decode state
+        self.max_seq_len = max_seq_len
+        self.log = log
+        self._compiled: dict[tuple, object] = {}
+        self.compile_seconds = 0.0
+        self._state_shardings = self._shardings(state_specs(cfg.num_layers))
+        self._prefix_shardings = self._shardings(prefix_specs(cfg.num_layers))
+
+    # --- requests ------------------------------------------------------------------------
+
+    def make_request(self, prompt: str | Sequence[int], settings: GenerationSettings,
+                     label: str = "the prompt") -> Request:
+        """A request checked against the model and this engine's context."""
+        return make_request(self.config, self.grok.tokenizer, prompt, settings,
+                            max_seq_len=None if self.max_seq_len == self.config.sequence_len
+                            else self.max_seq_len, label=label)
+
+    # --- shapes --------------------------------------------------------------------------
+
+    def row_buckets(self) -> list[int]:
+        """The batch sizes prefill and decode compile for: powers of two up to the slots,
+        each padded to the data axis."""
+        sizes, n = set(), 1
+        while True:
+            sizes.add(min(self.slots, sharding.padded_batch(self.mesh, n)))
+            if n >= self.slots:
+                return sorted(sizes)
+            n *= 2
+
+    def length_buckets(self) -> list[int]:
+        """Prompt-length and attention buckets up to the cache length."""
+        out, n = [], min(MIN_BUCKET, self.max_seq_len)
+        while True:
+            out.append(n)
+            if n >= self.max_seq_len:
+                return out
+            n = min(self.max_seq_len, 2 * n)
+
+    def rows_for(self, n: int) -> int:
+        """The compiled batch that holds `n` rows."""
+        return next(b for b in self.row_buckets() if b >= n)
+
+    def prompt_bucket(self, longest: int) -> int:
+        return bucket(longest, cap=self.max_seq_len)
+
+    # --- the three steps ------------------------------------------------------------------
+
+    def init_state(self) -> DecodeState:
+        """An empty decode state: every slot free."""
+        step = self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
+        return step()
+
+    def prefill(self, requests: Sequence[Request]) -> tuple[Prefix, Sample]:
+        """Runs the prompts (at most `slots`) through the model in one batch; returns the
+        rows on the devices and their first draws on the host."""
+        cfg = self.config
+        n = len(requests)
+        if not 1 <= n <= self.slots:
+            raise ValueError(f"prefill takes 1 to {self.slots} requests, got {n}")
+        batch = self.rows_for(n)
+        length = self.prompt_bucket(max(len(r.prompt_ids) for r in requests))
+        tokens = np.full((batch, length), cfg.pad_token, np.int32)
+        lengths = np.ones(batch, np.int32)  # padding rows: one pad token
+        seeds = np.zeros(batch, np.uint32)
+        temperature = np.zeros(batch, np.float32)
+        top_p = np.ones(batch, np.float32)
+        top_k = np.zeros(batch, np.int32)
+        allowed = np.ones((batch, cfg.vocab_size), bool)
+        for i, r in enumerate(requests):
+            s = r.settings
+            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
+            lengths[i] = len(r.prompt_ids)
+            seeds[i] = _seed_bits(s.seed)
+            temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
+            allowed[i] = allowed_mask(cfg, s)
+        specs = prefix_specs(cfg.num_layers)
+        args = (self.grok.params, self._put(tokens, ROWS_BY_SLOT), self._put(lengths, ROWS),
+                self._put(seeds, ROWS),
+                SamplingParams(*(self._put(x, ROWS) for x in (temperature, top_p, top_k))),
+                self._put(allowed, specs.allowed))
+        step = self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
+                                   f"prefill (batch {batch}, prompt bucket {length})")
+        prefix = step(*args)
+        return prefix, jax.device_get(prefix.first)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int]) -> DecodeState:
+        """Writes prefix row i into slot `slots[i]` (rows past len(slots) are padding);
+        the state is donated and updated in place."""
+        batch = prefix.seeds.shape[0]
+        length = prefix.cache.key_valid.shape[1]
+        if len(slots) > batch or any(not 0 <= s < self.slots for s in slots):
+            raise ValueError(f"bad slots {list(slots)} for a prefix of {batch} rows and "
+                             f"{self.slots} slots")
+        index = np.full(batch, self.slots, np.int32)  # out of range: dropped
+        index[: len(slots)] = slots
+        args = (state, prefix, self._put(index, REPLICATED))
+        step = self._compiled_step(("insert", batch, length), self._insert_fn(), args,
+                                   f"insert (batch {batch}, prompt bucket {length})",
+                                   donate=(0,))
+        return step(*args)
+
+    def generate(self, state: DecodeState, active: jax.Array, rows: int, filled: int
+                 ) -> tuple[DecodeState, Sample]:
+        """One token for each active slot among the first `rows` (a bucket from
+        `row_buckets`); `active` is bool[slots] on the devices (see `put_active`);
+        `filled` is the most cache slots any active row will hold after this step.
+        Returns the new state and the draws of the first `rows` slots, on the host."""
+        attend = bucket(filled, cap=self.max_seq_len)
+        args = (self.grok.params, state, active)
+        step = self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
+                                   args, f"decode step (rows {rows}, attending {attend})",
+                                   donate=(1,))
+        state, drawn = step(*args)
+        return state, jax.device_get(drawn)
+
+    def put_active(self, active: np.ndarray) -> jax.Array:
+        """bool[slots]: which slots hold a running request (uploaded when it changes)."""
+        return self._put(np.asarray(active, bool), ROWS)
+
+    def warmup(self) -> None:
+        """Compiles every step any request can need, so none compiles while serving."""
+        cfg = self.config
+        specs = prefix_specs(cfg.num_layers)
+        state = jax.eval_shape(self._init_fn())
+        params = self.grok.params
+        for batch in self.row_buckets():
+            for length in self.length_buckets():
+                if length >= self.max_seq_len and length > MIN_BUCKET:
+                    continue  # a prompt must leave room for one new token
+                sds = self._abstract
+                args = (params, sds((batch, length), jnp.int32, ROWS_BY_SLOT),
+                        sds((batch,), jnp.int32, ROWS), sds((batch,), jnp.uint32, ROWS),
+                        SamplingParams(sds((batch,), jnp.float32, ROWS),
+                                       sds((batch,), jnp.float32, ROWS),
+                                       sds((batch,), jnp.int32, ROWS)),
+                        sds((batch, cfg.vocab_size), jnp.bool_, specs.allowed))
+                self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
+                                    f"prefill (batch {batch}, prompt bucket {length})")
+                prefix = jax.eval_shape(self._prefill_fn(), *args)
+                insert_args = (self._with_shardings(state, self._state_shardings),
+                               self._with_shardings(prefix, self._prefix_shardings),
+                               sds((batch,), jnp.int32, REPLICATED))
+                self._compiled_step(("insert", batch, length), self._insert_fn(),
+                                    insert_args,
+                                    f"insert (batch {batch}, prompt bucket {length})",
+                                    donate=(0,))
+            for attend in self.length_buckets():
+                args = (params, self._with_shardings(state, self._state_shardings),
+                        self._abstract((self.slots,), jnp.bool_, ROWS))
+                self._compiled_step(("decode", batch, attend), self._decode_fn(batch, attend),
+                                    args, f"decode step (rows {batch}, attending {attend})",
+                                    donate=(1,))
+
+    @property
+    def compile_count(self) -> int:
+        return len(self._compiled)
+
+    # --- the traced functions -------------------------------------------------------------
+
+    def _init_fn(self):
+        cfg, slots, max_len = self.config, self.slots, self.max_seq_len
+
+        def init():
+            zeros = jnp.zeros((slots,), jnp.int32)
+            return DecodeState(init_cache(cfg, slots, max_len), zeros, zeros,
+                               jnp.zeros((slots,), jnp.uint32),
+                               SamplingParams(jnp.zeros((slots,), jnp.float32),
+                                              jnp.ones((slots,), jnp.float32), zeros),
+                               jnp.ones((slots, cfg.vocab_size), bool))
+        return init
+
+    def _prefill_fn(self):
+        grok, cfg = self.grok, self.config
+
+        def prefill(params, tokens, lengths, seeds, sampling, allowed):
+            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+            logits, cache = grok.model.apply(params, tokens, cache, num_new=lengths)
+            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            first = sample(last.astype(jnp.float32), _keys(seeds, jnp.zeros_like(lengths)),
+                           sampling, allowed)
+            return Prefix(cache, first, seeds, sampling, allowed)
+        return prefill
+
+    def _insert_fn(self):
+        def insert(state: DecodeState, prefix: Prefix, slots):
+            length = prefix.cache.key_valid.shape[1]
+
+            def put(full, rows):  # per-row values [B, ...] <- [Bp, ...]
+                return full.at[slots].set(rows, mode="drop")
+
+            def put_kv(full, rows):  # [B, S, K, C] <- [Bp, T, K, C]: the first T slots
+                return full.at[slots, :length].set(rows, mode="drop")
+
+            layers = tuple(LayerCache(put_kv(a.k, b.k), put_kv(a.v, b.v))
+                           for a, b in zip(state.cache.layers, prefix.cache.layers,
+                                           strict=True))
+            key_valid = jnp.zeros((slots.shape[0], state.cache.max_len), bool)
+            key_valid = key_valid.at[:, :length].set(prefix.cache.key_valid)
+            cache = KVCache(layers, put(state.cache.lengths, prefix.cache.lengths),
+                            state.cache.key_valid.at[slots].set(key_valid, mode="drop"))
+            return DecodeState(
+                cache, put(state.tokens, prefix.first.tokens),
+                put(state.steps, jnp.zeros_like(prefix.first.tokens)),
+                put(state.seeds, prefix.seeds),
+                SamplingParams(*(put(a, b) for a, b in zip(state.sampling, prefix.sampling,
+                                                            strict=True))),
+                put(state.allowed, prefix.allowed))
+        return insert
+
+    def _decode_fn(self, rows: int, attend: int):
+        grok = self.grok
+
+        def decode(params, state: DecodeState, active):
+            """Feeds each of the first `rows` slots its last token; free slots add
+            nothing to the cache (num_new 0) and their draws are ignored."""
+            on = active[:rows]
+            steps = state.steps[:rows] + on
+            logits, cache = grok.model.apply(params, state.tokens[:rows, None], state.cache,
+                                             num_new=on.astype(jnp.int32), attend_len=attend)
+            sampling = SamplingParams(*(x[:rows] for x in state.sampling))
+            drawn = sample(logits[:, 0].astype(jnp.float32),
+                           _keys(state.seeds[:rows], steps), sampling, state.allowed[:rows])
+            state = state._replace(cache=cache,
+                                   tokens=state.tokens.at[:rows].set(drawn.tokens),
+                                   steps=state.steps.at[:rows].set(steps))
+            return state, drawn
+        return decode
+
+    # --- compiling and placing --------------------------------------------------------------
+
+    def _shardings(self, specs):
+        return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def _abstract(self, shape, dtype, spec: P) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh, spec))
+
+    @staticmethod
+    def _with_shardings(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+
+    def _put(self, host, spec: P) -> jax.Array:
+        return sharding.put(host, NamedSharding(self.mesh, spec))
+
+    def _out_shardings(self, kind: str):
+        sample_out = self._shardings(Sample(*(REPLICATED,) * 4))
+        return {"init": self._state_shardings, "prefill": self._prefix_shardings,
+                "insert": self._state_shardings,
+                "decode": (self._state_shardings, sample_out)}[kind]
+
+    def _compiled_step(self, key: tuple, fn, args, what: str, donate: tuple[int, ...] = ()):
+        if key not in self._compiled:
+            start = time.perf_counter()
+            in_shardings = jax.tree.map(lambda a: a.sharding, args)
+            jitted = jax.jit(fn, in_shardings=in_shardings,
+                             out_shardings=self._out_shardings(key[0]),
+                             donate_argnums=donate)
+            self._compiled[key] = jitted.lower(*args).compile()
+            took = time.perf_counter() - start
+            self.compile_seconds += took
+            if self.log is not None:
+                self.log(f"compiled {what} in {took:.1f} s")
+        return self._compiled[key]

@@ -1,0 +1,76 @@
+"""One request's host-side progress: its tokens, its text, and when it is done.
+
+Plain Python with no JAX in it, so that stop strings, EOS and streamed text can be tested
+by feeding tokens by hand.
+"""
+
+from __future__ import annotations
+
+from grok.engine.request import Completion, Request
+from grok.tokenizer import StreamDecoder
+
+
+class Row:
+    """Accepts a request's drawn tokens one by one and decides when it is finished.
+
+    Text that could be the start of a stop string is held back until it is known not to
+    be, so a streamed increment is never taken back.
+    """
+
+    def __init__(self, request: Request, eos_token: int, decoder: StreamDecoder | None):
+        self.request = request
+        self.eos_token = eos_token
+        self.decoder = decoder
+        self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.alternatives: list[list[tuple[int, float]]] = []
+        self.text = ""
+        self.emitted = 0  # text[:emitted] has been handed out
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def filled(self) -> int:
+        """Cache slots the request holds once its last token is fed back."""
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    def accept(self, token: int, logprob: float, top: list[tuple[int, float]]) -> str:
+        """Records one drawn token; returns the text it made final ('' while held)."""
+        settings = self.request.settings
+        stops = settings.stop
+        self.output_ids.append(token)
+        self.logprobs.append(logprob)
+        self.alternatives.append(top)
+        eos = token == self.eos_token and not settings.ignore_eos
+        done = eos or len(self.output_ids) >= settings.max_new_tokens
+        if self.decoder is not None:
+            self.text += "" if eos else self.decoder.push(token)
+            self.text += self.decoder.flush() if done else ""
+        cuts = [at for s in stops if (at := self.text.find(s, self.emitted)) >= 0]
+        if cuts:
+            self.text = self.text[: min(cuts)]
+            self.finish_reason = "stop"
+            done = True
+        elif done:
+            self.finish_reason = "eos" if eos else "length"
+        end = len(self.text) if done else len(self.text) - stop_prefix_len(self.text, stops)
+        piece, self.emitted = self.text[self.emitted:end], end
+        return piece
+
+    def completion(self) -> Completion:
+        return Completion(self.request.prompt, list(self.request.prompt_ids),
+                          list(self.output_ids), list(self.logprobs),
+                          [list(a) for a in self.alternatives], self.text,
+                          self.finish_reason or "length")
+
+
+def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that begins some stop string."""
+    longest = max((len(s) for s in stops), default=1)
+    for k in range(min(longest - 1, len(text)), 0, -1):
+        if any(len(s) > k and s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
