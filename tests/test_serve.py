@@ -30,7 +30,7 @@ from grok.serve.worker import Admission, Worker
 
 MODEL = "grok-1-demo"
 KEY = "sesame"
-MAX_BATCH, MAX_QUEUE, MAX_SEQ_LEN = 4, 12, 16
+MAX_BATCH, MAX_QUEUE, MAX_SEQ_LEN = 4, 60, 16
 BODY_LIMIT = 1 << 16
 
 
@@ -351,7 +351,7 @@ def test_api_key_is_enforced(url, http):
 
 
 def long_job(**more) -> dict:
-    """16 sequences of 8 tokens on 4 slots: about 30 decode steps."""
+    """64 sequences of 8 tokens on 4 slots: 16 prefills and about 120 decode steps."""
     return {"model": MODEL, "prompt": "1+1=", "max_tokens": 8, "n": MAX_BATCH + MAX_QUEUE,
             "ignore_eos": True, "temperature": 1.0, "stream": True} | more
 
@@ -381,19 +381,23 @@ def test_a_disconnect_frees_the_slots(url, http, served):
                       timeout=60) as c, c.stream("POST", "/v1/completions",
                                                  json=long_job()) as r:
         assert next(r.iter_lines()).startswith("data: ")
-        assert metric(http, "grok_slots_in_use") > 0
     # The connection is closed: every sequence still queued or running is cancelled.
     deadline = time.monotonic() + 10
     while metric(http, "grok_slots_in_use") or metric(http, "grok_requests_waiting") \
             or service.admission.in_flight:
         assert time.monotonic() < deadline, "the slots were not freed"
         time.sleep(0.02)
-    assert metric(http, "grok_requests_finished_total", reason="cancelled") - cancelled >= 8
-    assert metric(http, "grok_generation_tokens_total") - generated < 16 * 8
+    count = MAX_BATCH + MAX_QUEUE
+    assert metric(http, "grok_requests_finished_total", reason="cancelled") - cancelled \
+        >= count // 2
+    assert metric(http, "grok_generation_tokens_total") - generated < count * 8 // 2
     assert_ok_after(http)
 
 
 def test_a_disconnect_cancels_a_non_streaming_request(url, http, served):
+    # Once in full, so that every step it needs is compiled and the next one is quick.
+    assert len(http.post("/v1/completions", json=long_job(stream=False)).json()["choices"]) \
+        == MAX_BATCH + MAX_QUEUE
     cancelled = metric(http, "grok_requests_finished_total", reason="cancelled")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
