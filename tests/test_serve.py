@@ -417,3 +417,37 @@ def test_metrics_count_what_was_served(http):
     assert metric(http, "grok_inter_token_latency_seconds_count") > 0
     assert metric(http, "grok_requests_rejected_total", status="429") > 0
     assert metric(http, "grok_requests_rejected_total", status="400") > 0
+
+
+def test_while_loading_everything_answers_503(grok):
+    """A worker that has not finished loading (here: never started)."""
+    metrics = Metrics(1)
+    worker = Worker(lambda: None, admission=Admission(1), metrics=metrics)
+    config = ServerConfig(model_name=MODEL, tokenizer=grok.tokenizer, eos_id=2, max_seq_len=16)
+    server = ThreadedServer(create_app(Service(config, worker, metrics)))
+    try:
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "loading"
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "1"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "loading"
+    finally:
+        server.stop()
+
+
+# Stops the module's server: keep it last.
+def test_stopping_ends_the_requests_in_flight_with_503(url, served):
+    service = served[0]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as c, c.stream("POST", "/v1/completions",
+                                                 json=long_job()) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        service.worker.stop(timeout=30)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][len("data: "):])["error"]
+    assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
+    assert service.admission.in_flight == 0
+    health = httpx.get(f"{url}/health")
+    assert health.status_code == 503 and health.json()["error"]["code"] == "stopped"
