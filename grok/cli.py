@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from grok import demo, distributed, sharding
+from grok import compilation, demo, distributed, sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
 from grok.engine.request import GenerationSettings, make_request
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
+    compilation.add_argument(p)
     distributed.add_arguments(p)
     return p
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     try:
         args = demo.parse_args(build_parser(), argv)
         distributed.initialize(args)  # before anything touches a JAX backend
+        compilation.enable(args.compilation_cache)
         _run(args, *distributed.main_only(out, err))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=err)

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grok import sharding
+from grok import compilation, sharding
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, LayerCache, init_cache
@@ -232,12 +232,11 @@ class Engine:
         """Compiles every step any request can need, so none compiles while serving."""
         cfg = self.config
         specs = prefix_specs(cfg.num_layers)
+        self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
         state = jax.eval_shape(self._init_fn())
         params = self.grok.params
         for batch in self.row_buckets():
             for length in self.length_buckets():
-                if length >= self.max_seq_len and length > MIN_BUCKET:
-                    continue  # a prompt must leave room for one new token
                 sds = self._abstract
                 args = (params, sds((batch, length), jnp.int32, ROWS_BY_SLOT),
                         sds((batch,), jnp.int32, ROWS), sds((batch,), jnp.uint32, ROWS),
@@ -362,7 +361,7 @@ class Engine:
 
     def _compiled_step(self, key: tuple, fn, args, what: str, donate: tuple[int, ...] = ()):
         if key not in self._compiled:
-            start = time.perf_counter()
+            start, hits = time.perf_counter(), compilation.cache_hits()
             in_shardings = jax.tree.map(lambda a: a.sharding, args)
             jitted = jax.jit(fn, in_shardings=in_shardings,
                              out_shardings=self._out_shardings(key[0]),
@@ -371,5 +370,7 @@ class Engine:
             took = time.perf_counter() - start
             self.compile_seconds += took
             if self.log is not None:
-                self.log(f"compiled {what} in {took:.1f} s")
+                cached = compilation.cache_hits() > hits
+                self.log(f"{'loaded' if cached else 'compiled'} {what} in {took:.1f} s"
+                         f"{' (from the compilation cache)' if cached else ''}")
         return self._compiled[key]
