@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from grok import compilation, demo, distributed, sharding
+from grok import compilation, demo, distributed, plot, sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
 from grok.engine.request import GenerationSettings, make_request
+from grok.errors import GrokError
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES
 from grok.tokenizer import Tokenizer
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
+    p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
+                   help="write the run's expert-routing tallies (per layer and expert, "
+                        "prefill and decode) as JSON")
+    p.add_argument("--expert-plot", type=Path, metavar="FILE.png",
+                   help="draw the run's expert usage: layers x experts heat maps and "
+                        "per-layer imbalance (needs the 'plot' extra: matplotlib)")
     compilation.add_argument(p)
     distributed.add_arguments(p)
     return p
@@ -100,6 +107,12 @@ def _run(args, out, err) -> None:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    if args.expert_plot is not None:
+        plot.require()
+    for flag, path in (("--expert-stats", args.expert_stats),
+                       ("--expert-plot", args.expert_plot)):
+        if path is not None and not path.parent.is_dir():
+            raise GrokError(f"{flag}: folder {str(path.parent)!r} does not exist")
     examples = args.demo and not args.prompt and args.prompt_file is None
     prompts = demo.example_prompts() if examples else _prompts(args)
     # The checks `Grok.run` makes, before the load rather than after it.
@@ -123,6 +136,12 @@ def _run(args, out, err) -> None:
             demo.write_examples(run.completions, out)
     else:
         _stream_in_order(run, prompts, out)
+    usage = grok.expert_usage()
+    if args.expert_stats is not None:
+        args.expert_stats.write_text(json.dumps(usage.to_json()) + "\n")
+    if args.expert_plot is not None:
+        plot.usage_figure(usage, f"Expert usage: {len(prompts)} prompt"
+                          f"{'s' * (len(prompts) != 1)}", args.expert_plot)
     s = run.stats
     rate = s.decode_tokens / s.decode_s if s.decode_s > 0 else float("nan")
     print(f"compile {run.compile_s:.1f} s, prefill {s.prefill_s:.2f} s "
