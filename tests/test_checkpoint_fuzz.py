@@ -17,7 +17,7 @@ from conftest import FIXTURE
 from grok import pickle_format
 from grok.quant import quantize
 
-MUTATIONS = 4000
+MUTATIONS = 8000
 WORKERS = 2
 MEM_MB = 1024
 # Seconds a worker may go without finishing a case (the first includes its start-up).
