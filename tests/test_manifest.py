@@ -2,8 +2,10 @@
 a one-byte change that keeps every size is found and named."""
 
 import importlib.util
+import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -124,3 +126,27 @@ def test_entries_are_validated():
         manifest.Entry("a", -1, "0" * 64)
     with pytest.raises(ValueError, match="bad SHA-256"):
         manifest.Entry("a", 1, "0" * 63)
+
+
+def test_cli_verify_reaches_the_loader(tmp_path):
+    """`--verify` is passed through `Grok.load` to the loader, which checks the manifest
+    before any tensor is read (so these runs fail fast, without loading the model)."""
+    import shutil
+
+    from grok.cli import build_parser, main
+    assert build_parser().parse_args(["--verify"]).verify
+    assert not build_parser().parse_args([]).verify
+    shutil.copytree(REPO / "checkpoints" / "demo", tmp_path / "demo")
+    argv = ["--checkpoint", str(tmp_path / "demo"), "--config",
+            str(tmp_path / "demo" / "config.json"), "--tokenizer",
+            str(REPO / "tokenizer" / "demo.model"), "--mesh", "1x1", "--verify",
+            "--prompt", "1+1=", "--max-new-tokens", "1"]
+    err = io.StringIO()
+    assert main(argv, out=io.StringIO(), err=err) == 2
+    assert "ckpt-0.manifest.json: no manifest here" in err.getvalue()
+    manifest.write(tmp_path / "demo" / "ckpt-0")
+    flip_last_byte(tmp_path / "demo" / "ckpt-0" / "tensor00001_000")
+    err = io.StringIO()
+    assert main(argv, out=io.StringIO(), err=err) == 2
+    assert re.search(r"1 file\(s\) differ from the manifest ckpt-0.manifest.json: "
+                     r"tensor00001_000: SHA-256 differs", err.getvalue())
