@@ -132,7 +132,7 @@ def _open_all(path, expected, verify: bool = False,
                     f"{tensor_name(len(named) - 1)}) but the folder holds {len(extra)} more "
                     "(a checkpoint of another config?)")
     if verify:  # before any header: a corrupt download is named as such, not misparsed
-        manifest.verify(folder, progress=bool(progress))
+        manifest.verify(folder, progress=progress)
 
     def open_one(index: int):
         name, want = named[index]

@@ -31,6 +31,8 @@ _CHUNK = 1 << 20
 _MAX_THREADS = 16
 # A manifest of 770 files is about 100 KB; a larger one is not a manifest.
 _MAX_MANIFEST_BYTES = 16 << 20
+# Below this, hashing is quick enough that a progress bar would only flicker.
+_PROGRESS_BYTES = 1 << 30
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -145,8 +147,10 @@ def _listing(folder: Path) -> dict[str, os.stat_result]:
 
 
 def _hash_all(folder: Path, names: list[str], sizes: dict[str, int], threads: int,
-              progress: bool, label: str) -> dict[str, tuple[int, str] | CheckpointError]:
-    meter = _Meter(len(names), sum(sizes.get(n, 0) for n in names), progress, label)
+              progress: bool | None, label: str) -> dict[str, tuple[int, str] | CheckpointError]:
+    total = sum(sizes.get(n, 0) for n in names)
+    shown = progress if progress is not None else total >= _PROGRESS_BYTES
+    meter = _Meter(len(names), total, shown, label)
 
     def one(name: str):
         try:
@@ -269,9 +273,10 @@ def compare(folder: str | os.PathLike, entries: list[Entry], threads: int = _MAX
 
 
 def verify(folder: str | os.PathLike, threads: int = _MAX_THREADS,
-           progress: bool = False) -> None:
+           progress: bool | None = None) -> None:
     """Raises one `CheckpointError` naming the files of `folder` that do not match its
-    manifest (the first few, and how many in all)."""
+    manifest (the first few, and how many in all). `progress`: None shows the progress
+    bar only for checkpoints of a gigabyte or more."""
     path = manifest_path(folder)
     problems = compare(folder, read(path), threads, progress)
     if problems:

@@ -127,6 +127,12 @@ def _describe(obj) -> str:
     return type(obj).__name__
 
 
+def _a(obj) -> str:
+    """`_describe(obj)` with its article."""
+    text = _describe(obj)
+    return f"{'an' if text[0] in 'aeiouAEIOU' else 'a'} {text}"
+
+
 def _show(obj, depth: int = 2) -> str:
     """A value built from the file, shown within a small bound whatever its shape: shared
     tuple graphs, deep nesting, long strings and huge integers all stay a few lines long."""
@@ -220,7 +226,7 @@ class _Parser:
         result = self.stack[0]
         if isinstance(result, (_ArrayStub, _QuantStub)) and result.header is not None:
             return result.header
-        self.fail(f"holds a {_describe(result)}, not an array or a QuantizedWeight8bit")
+        self.fail(f"holds {_a(result)}, not an array or a QuantizedWeight8bit")
 
     def _check_int(self, value, what: str, low: int, high: int) -> int:
         """`value` as a plain int within [low, high], compared before any arithmetic."""
@@ -362,7 +368,7 @@ class _Parser:
 
     def _store(self, target, items: list) -> None:
         if not isinstance(target, dict):
-            self.fail(f"SETITEM(S) on a {_describe(target)}, not a dict")
+            self.fail(f"SETITEM(S) on {_a(target)}, not a dict")
         for key, value in zip(items[::2], items[1::2], strict=True):
             if not isinstance(key, str):
                 self.fail(f"dict key of type {_describe(key)}; only string keys are expected")
@@ -374,7 +380,7 @@ class _Parser:
         args = self.stack.pop()
         func = self.stack.pop()
         if not isinstance(args, tuple):
-            self.fail(f"REDUCE arguments are a {_describe(args)}, not a tuple")
+            self.fail(f"REDUCE arguments are {_a(args)}, not a tuple")
         if func == _Global(_RECONSTRUCT):
             ok = (len(args) == 3 and args[0] == _Global("ndarray") and args[1] == (0,)
                   and isinstance(args[2], _Bytes) and args[2].value == b"b")
@@ -416,7 +422,7 @@ class _Parser:
             build = self._build_array if isinstance(obj, _ArrayStub) else self._build_quantized
             obj.header = build(state)
         else:
-            self.fail(f"BUILD on a {_describe(obj)} is not allowed (or applied twice)")
+            self.fail(f"BUILD on {_a(obj)} is not allowed (or applied twice)")
 
     def _build_dtype(self, base: np.dtype, state) -> np.dtype:
         # What numpy writes: (-1, -1, 0) for its own types; size, alignment and flags for
@@ -443,7 +449,7 @@ class _Parser:
                       "fortran_order, bytes)")
         _, shape, dtype, fortran, data = state
         if not isinstance(dtype, _DtypeStub) or dtype.dtype is None:
-            self.fail(f"array dtype is a {_describe(dtype)}, not a numpy dtype")
+            self.fail(f"array dtype is {_a(dtype)}, not a numpy dtype")
         if fortran:
             self.fail("array in Fortran order; the release writes only C-order arrays (a "
                       "flipped bit would transpose the weight)")
@@ -474,7 +480,7 @@ class _Parser:
         parts = {}
         for key, value in state.items():
             if not isinstance(value, _ArrayStub) or value.header is None:
-                self.fail(f"QuantizedWeight8bit.{key} is a {_describe(value)}, not an array")
+                self.fail(f"QuantizedWeight8bit.{key} is {_a(value)}, not an array")
             parts[key] = value.header
         if parts["weight"] is parts["scales"]:
             self.fail("QuantizedWeight8bit's weight and scales are the same array")
