@@ -139,4 +139,5 @@ def test_cases_are_reproducible_and_of_every_kind(tmp_path):
     assert cases == [second.case(i) for i in range(300)]
     assert {what.split(":")[0] for _, _, what in cases} == {
         "flip", "insert", "delete", "splice", "length", "duplicate"}
-    assert all(mutated != data[name] for name, mutated, _ in cases[:50])
+    # A rewrite may happen to write the old value back; nearly all cases change the file.
+    assert sum(mutated != data[name] for name, mutated, _ in cases) > 280
