@@ -43,7 +43,7 @@ class Grok:
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
              tokenizer_path: str | os.PathLike | Tokenizer | None = None,
              mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
-             moe: str = "sparse", progress: bool | None = None,
+             moe: str = "sparse", progress: bool | None = None, verify: bool = False,
              expert_stats: bool = True) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
@@ -54,7 +54,9 @@ class Grok:
         into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
         `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
         `tokenizer_path` may also be a `Tokenizer` already read (the CLI reads it first, to
-        check prompts before the long load). `expert_stats`: see `Grok.__init__`.
+        check prompts before the long load). `verify`: check every file against the
+        manifest beside `ckpt-0` first (see `grok.manifest`). `expert_stats`: see
+        `Grok.__init__`.
         """
         if moe not in STRATEGIES:
             raise ValueError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
@@ -69,7 +71,7 @@ class Grok:
         params = checkpoint.load_checkpoint(
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
-            progress=progress if distributed.is_main_process() else False)
+            progress=progress if distributed.is_main_process() else False, verify=verify)
         platform = mesh.devices.flat[0].platform
         weights = default_weight_mode(platform) if weights is None else weights
         params = store_params(params, weights, storage_dtype(platform),

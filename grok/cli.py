@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 is off")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint file's size and SHA-256 against the manifest "
+                        "beside ckpt-0 before loading (tools/checkpoint_manifest.py writes it)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
     p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
@@ -122,7 +125,8 @@ def _run(args, out, err) -> None:
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
-                     mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
+                     mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
+                     verify=args.verify)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
     run = grok.run(prompts, log=lambda line: print(line, file=err, flush=True), **settings)
