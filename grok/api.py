@@ -59,9 +59,9 @@ class Grok:
         `Grok.__init__`.
         """
         if moe not in STRATEGIES:
-            raise ValueError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
+            raise GrokError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
         if weights not in (None, *WEIGHT_MODES):
-            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+            raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         config = resolve_config(config)
         tokenizer = tokenizer_path
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grok.errors import GrokError
 from grok.quant import ExpertWeights, qdot
 
 
@@ -134,5 +135,5 @@ STRATEGIES = {"dense": dense, "sparse": sparse}
 
 def dispatch(strategy: str, x, gates, chosen, w_gelu, w_up, w_down):
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown MoE strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+        raise GrokError(f"unknown MoE strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     return STRATEGIES[strategy](x, gates, chosen, w_gelu, w_up, w_down)

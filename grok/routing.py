@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok.errors import GrokError
 from grok.model import LayerRouting
 
 PHASES = ("prefill", "decode")
@@ -73,7 +74,7 @@ class ExpertUsage:
         if phase == "all":
             return self.prefill + self.decode
         if phase not in PHASES:
-            raise ValueError(f"phase must be one of {(*PHASES, 'all')}, got {phase!r}")
+            raise GrokError(f"phase must be one of {(*PHASES, 'all')}, got {phase!r}")
         return getattr(self, phase)
 
     def share(self, phase: str = "all") -> np.ndarray:
