@@ -25,7 +25,7 @@ from grok import sharding
 from grok.config import GrokConfig
 from grok.kv_cache import init_cache
 from grok.sampling import Sample, SamplingParams, check_settings, sample
-from grok.tokenizer import Tokenizer
+from grok.tokenizer import Tokenizer, default_allowed
 
 MIN_BUCKET = 16  # smallest prompt-length bucket
 
@@ -45,7 +45,7 @@ class GenerationSettings:
     top_k: int = 0  # 0 is off
     seed: int | Sequence[int] = 42  # one for all prompts, or one per prompt
     stop: str | Sequence[str] | None = None
-    allowed_tokens: Sequence[int] | None = None  # None: every token may be sampled
+    allowed_tokens: Sequence[int] | None = None  # None: all but pad and control pieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ def make_request(config: GrokConfig, tokenizer: Tokenizer | None,
                                      for x in seeds):
         raise ValueError(f"seed must be an int or one int per prompt ({len(ids)}), "
                          f"got {s.seed!r}")
-    allowed = np.ones(config.vocab_size, bool)
+    allowed = default_allowed(config, tokenizer)  # no pad, BOS or unknown unless asked
     if s.allowed_tokens is not None:
         chosen = np.asarray(list(s.allowed_tokens))
         if chosen.size == 0 or not np.issubdtype(chosen.dtype, np.integer) \
