@@ -1,7 +1,7 @@
 """Trains the demo model that `run.py` runs when the real weights are absent.
 
-    python tools/train_demo.py [--seed 0] [--steps N] [--out-checkpoint checkpoints/demo]
-                               [--out-tokenizer tokenizer/demo.model] [--toy]
+    python tools/train_demo.py [--seed 0] [--steps N] [--out-checkpoint grok/demo_files]
+                               [--out-tokenizer grok/demo_files/demo.model] [--toy]
 
 A small model with every part of Grok-1 (grouped-query attention with RoPE and the soft
 cap, 8 experts top-2, the release's multipliers) learns multi-digit addition: "123+456="
