@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from grok import Grok, GrokConfig, model  # noqa: E402
 from grok.checkpoint import write_checkpoint  # noqa: E402
+from grok.cli import ArgumentParser  # noqa: E402
 from grok.errors import GrokError  # noqa: E402
 from grok.quant import WEIGHT_MODES, map_params, quantize, release_groups  # noqa: E402
 
@@ -144,11 +145,6 @@ def _mesh(text: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit code 2, as for every other mistake
-        raise GrokError(message)
-
-
 def main(argv=None) -> int:
     try:
         return run(argv)
@@ -164,7 +160,7 @@ def _positive(text: str) -> int:
 
 
 def run(argv=None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="model config JSON (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path,

@@ -36,8 +36,11 @@ needs as many devices as it names: XLA_FLAGS=--xla_force_host_platform_device_co
 simulates N. Bad input exits with code 2 and one line on stderr."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, no usage dump
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script here: a rejected flag raises UsageError, which the script
+    prints as one line with exit code 2, instead of a usage dump."""
+
+    def error(self, message):
         raise UsageError(message)
 
 
@@ -58,7 +61,7 @@ def _program() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=_program(), description="Sample text from a Grok-1 checkpoint.",
+    p = ArgumentParser(prog=_program(), description="Sample text from a Grok-1 checkpoint.",
                 epilog=EPILOG)
     p.add_argument("--prompt", action="append",
                    help=f"a prompt (repeat for a batch; default: {DEFAULT_PROMPT!r}, or five "
