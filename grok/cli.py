@@ -62,7 +62,7 @@ def _program() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=_program(), description="Sample text from a Grok-1 checkpoint.",
-                epilog=EPILOG)
+                       epilog=EPILOG)
     p.add_argument("--prompt", action="append",
                    help=f"a prompt (repeat for a batch; default: {DEFAULT_PROMPT!r}, or five "
                         f"addition problems for the demo)")
