@@ -754,3 +754,9 @@ def test_converter_refuses_bad_requests(converter, nano_ckpt, tmp_path, capsys):
     assert converter.main([str(root), str(tmp_path / "out"), "--config", "nano"]) == 0
     assert converter.main([str(root), str(tmp_path / "out"), "--config", "nano"]) == 2
     assert "ckpt-0 is not empty" in capsys.readouterr().err
+
+
+def test_converter_flag_mistakes_are_one_line(converter, capsys):
+    assert converter.main(["--layers", "2"]) == 2
+    assert capsys.readouterr().err == ("error: the following arguments are required: source, "
+                                       "destination\n")

@@ -128,8 +128,7 @@ def main(argv=None) -> int:
                 raise GrokError(f"--mesh must be DATAxMODEL, e.g. 1x8, got {args.mesh!r}")
             mesh = (int(parts[0]), int(parts[1]))
         if args.checkpoint is None:
-            grok = Grok.load(demo.DEMO_CHECKPOINT, demo.DEMO_CONFIG,
-                             tokenizer_path=demo.DEMO_TOKENIZER, mesh_shape=mesh or (1, 1))
+            grok = demo.load(mesh_shape=mesh or (1, 1))
         else:
             if args.tokenizer is None:
                 raise GrokError("--checkpoint needs --tokenizer (the SentencePiece model)")

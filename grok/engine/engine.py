@@ -184,7 +184,7 @@ class Engine:
             lengths[i] = len(r.prompt_ids)
             seeds[i] = _seed_bits(s.seed)
             temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
-            allowed[i] = allowed_mask(cfg, s)
+            allowed[i] = allowed_mask(cfg, s, self.grok.tokenizer)
         specs = prefix_specs(cfg.num_layers)
         args = (self.grok.params, self._put(tokens, ROWS_BY_SLOT), self._put(lengths, ROWS),
                 self._put(seeds, ROWS),
