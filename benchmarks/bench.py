@@ -1,11 +1,15 @@
 """Inference benchmark: load, compile, prefill and decode figures for one config, as JSON.
 
     python benchmarks/bench.py [--config CONFIG.json] [--checkpoint DIR] [--mesh 1x1]
+                               [--weights int8] [--prompt-len 64] [--decode-steps 32]
+                               [--compile-only]
 
 Without --checkpoint it writes a random checkpoint of the config in the released format
 (in a child process, so that its memory does not count towards this one's peak). Decode is
 measured with the sparse MoE and, on the same loaded weights, with the dense all-experts
-formulation the release uses. Progress goes to stderr, the figures to stdout.
+formulation the release uses. Compile time is measured per batch size (a fresh set of
+compiled steps each), since it is part of what a user waits for. Progress goes to stderr,
+the figures to stdout; a mistake in the arguments is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -28,11 +32,15 @@ sys.path.insert(0, str(REPO))
 
 from grok import Grok, GrokConfig, model  # noqa: E402
 from grok.checkpoint import write_checkpoint  # noqa: E402
-from grok.quant import map_params, quantize, release_groups  # noqa: E402
+from grok.cli import ArgumentParser  # noqa: E402
+from grok.errors import GrokError  # noqa: E402
+from grok.quant import WEIGHT_MODES, map_params, quantize, release_groups  # noqa: E402
 
-DEFAULT_CONFIG = REPO.parent / "shared" / "benchmarks" / "cpu-bench.json"
+# 4 layers, d=1024, 16/8 heads, 8 experts of 5464, vocab 32768: the figures in README.md.
+DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench.json"
 DECODE_STEPS = 32
 PROMPT_LEN = 64
+COMPILE_BATCHES = (1, 2, 3, 4, 8)
 
 
 def log(message: str) -> None:
@@ -105,14 +113,15 @@ def time_prefill(grok: Grok, length: int, repeats: int = 3) -> float:
     return best
 
 
-def time_decode(grok: Grok, batch: int, repeats: int = 3) -> float:
+def time_decode(grok: Grok, batch: int, prompt_len: int, steps: int,
+                repeats: int = 3) -> float:
     """Milliseconds per decode step (one new token for each of `batch` rows)."""
     cfg = grok.config
     no_eos = [t for t in range(cfg.vocab_size) if t != cfg.eos_token]
-    prompts = random_prompts(cfg, batch, PROMPT_LEN, seed=batch)
+    prompts = random_prompts(cfg, batch, prompt_len, seed=batch)
     best = float("inf")
     for _ in range(repeats):
-        run = grok.run(prompts, max_new_tokens=DECODE_STEPS + 1, temperature=0,
+        run = grok.run(prompts, max_new_tokens=steps + 1, temperature=0,
                        allowed_tokens=no_eos)
         for _ in run:
             pass
@@ -120,16 +129,68 @@ def time_decode(grok: Grok, batch: int, repeats: int = 3) -> float:
     return best * 1e3
 
 
+def time_compile(grok: Grok, batch: int, prompt_len: int) -> float:
+    """Seconds to compile the engine's steps for `batch` prompts, with nothing
+    compiled before (a new model object on the same weights)."""
+    fresh = Grok(grok.config, grok.params, grok.mesh, moe_strategy="sparse")
+    fresh.generate(random_prompts(grok.config, batch, prompt_len, seed=batch),
+                   max_new_tokens=2, temperature=0)
+    assert fresh.compile_count == 4, fresh.compile_count  # state, prefill, insert, decode
+    return fresh.compile_seconds
+
+
+def _mesh(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise GrokError(f"--mesh must be DATAxMODEL, e.g. 1x1, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    try:
+        return run(argv)
+    except GrokError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def run(argv=None) -> int:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                        help="model config JSON (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path,
                         help="existing checkpoint (default: write a random one)")
     parser.add_argument("--mesh", default=None, help="DATAxMODEL (default 1xALL)")
-    parser.add_argument("--weights", choices=("int8", "dequantized"), default=None)
+    parser.add_argument("--weights", choices=WEIGHT_MODES, default=None,
+                        help="default: dequantized on CPU, else int8")
+    parser.add_argument("--prompt-len", type=_positive, default=PROMPT_LEN,
+                        help="prompt tokens for the decode figures (default: %(default)s)")
+    parser.add_argument("--decode-steps", type=_positive, default=DECODE_STEPS,
+                        help="decode steps timed (default: %(default)s)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only the compile times per batch size")
     args = parser.parse_args(argv)
-    config = GrokConfig.from_json(args.config)
-    mesh = tuple(int(n) for n in args.mesh.split("x")) if args.mesh else None
+    try:
+        config = GrokConfig.from_json(args.config)
+    except ValueError as e:
+        raise GrokError(str(e)) from None
+    mesh = _mesh(args.mesh)
+    needed = args.prompt_len + args.decode_steps + 1
+    if needed > config.sequence_len:
+        raise GrokError(
+            f"--prompt-len {args.prompt_len} and --decode-steps {args.decode_steps} need "
+            f"{needed} positions, but {args.config} has sequence_len={config.sequence_len}; "
+            f"pass smaller ones")
+    if args.checkpoint is not None and not args.checkpoint.exists():
+        raise GrokError(f"--checkpoint {str(args.checkpoint)!r} does not exist")
 
     with tempfile.TemporaryDirectory(prefix="grok-bench-") as scratch:
         checkpoint = args.checkpoint
@@ -145,18 +206,31 @@ def main(argv=None) -> int:
 
         log("loading ...")
         start = time.perf_counter()
-        grok = Grok.load(checkpoint, config, mesh_shape=mesh, weights=args.weights)
+        try:
+            grok = Grok.load(checkpoint, config, mesh_shape=mesh, weights=args.weights)
+        except ValueError as e:  # a mesh or checkpoint that does not fit
+            raise GrokError(str(e)) from None
         jax.block_until_ready(grok.params)
         load_s = time.perf_counter() - start
 
+        log("compile per batch size ...")
+        time_compile(grok, 1, args.prompt_len)  # the first compile also pays one-time costs
+        compile_by_batch = {b: round(time_compile(grok, b, args.prompt_len), 2)
+                            for b in COMPILE_BATCHES}
+        if args.compile_only:
+            print(json.dumps({"config": str(args.config),
+                              "compile_s_by_batch": compile_by_batch}, indent=1))
+            return 0
         log("prefill ...")
-        prefill = {n: time_prefill(grok, n) for n in (PROMPT_LEN, config.sequence_len - 1)}
+        prefill = {n: time_prefill(grok, n)
+                   for n in (args.prompt_len, config.sequence_len - 1)}
         log("decode (sparse) ...")
-        sparse = {b: time_decode(grok, b) for b in (1, 8)}
+        sparse = {b: time_decode(grok, b, args.prompt_len, args.decode_steps) for b in (1, 8)}
         compile_s = grok.compile_seconds
         log("decode (dense) ...")
         dense_grok = Grok(config, grok.params, grok.mesh, moe_strategy="dense")
-        dense = {b: time_decode(dense_grok, b) for b in (1, 8)}
+        dense = {b: time_decode(dense_grok, b, args.prompt_len, args.decode_steps)
+                 for b in (1, 8)}
 
     log("memory bandwidth ...")
     bandwidth = memory_bandwidth_gbs()
@@ -170,7 +244,9 @@ def main(argv=None) -> int:
                                  jax.tree_util.tree_leaves(grok.params)) else "dequantized",
         "load_s": round(load_s, 2),
         "compile_s": round(compile_s, 2),
-        "prefill_64_s": round(prefill[PROMPT_LEN], 4),
+        # Prefill and one decode step, compiled afresh for each batch size (3 runs as 4).
+        "compile_s_by_batch": compile_by_batch,
+        f"prefill_{args.prompt_len}_s": round(prefill[args.prompt_len], 4),
         # The longest prompt that leaves room for one new token; its bucket is the full
         # context, so the step costs the same as a full-length prompt.
         f"prefill_{config.sequence_len - 1}_s": round(prefill[config.sequence_len - 1], 4),

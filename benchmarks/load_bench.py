@@ -22,7 +22,6 @@ the bytes loaded plus the largest tensor. Progress goes to stderr, the figures t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -44,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from grok import checkpoint, pickle_format  # noqa: E402
+from grok.cli import ArgumentParser, UsageError  # noqa: E402
 from grok.config import GROK_1  # noqa: E402
 from grok.quant import QuantizedWeight8bit, is_quantized  # noqa: E402
 
@@ -266,7 +266,7 @@ def gb(n: float) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--dir", type=Path, help="where to write the checkpoint (default: a "
                                                  "new folder under the system's temp folder)")
@@ -275,7 +275,11 @@ def main(argv=None) -> int:
                         help="loads per state (cold, warm); the best is reported")
     parser.add_argument("--devices", type=int, default=1,
                         help="simulated CPU devices (XLA_FLAGS), all on `model`")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

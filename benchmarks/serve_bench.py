@@ -5,7 +5,7 @@ offline `Grok.generate` on the same weights; figures as JSON.
         [--tokenizer FILE] [--concurrency 1 4 8 16] [--prompt-len 32] [--new-tokens 64]
 
 Without --checkpoint it writes a random checkpoint of the config (default
-../shared/benchmarks/cpu-bench.json) in the released format. The server runs in its own
+benchmarks/configs/cpu-bench.json) in the released format. The server runs in its own
 process with --max-batch the largest concurrency; each level is run once to compile what it
 needs (the server compiles per shape on first use) and once measured. Every client streams
 fixed token-id prompts with `ignore_eos` (and `logprobs: 0`, so that every token arrives as
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-DEFAULT_CONFIG = REPO.parent / "shared" / "benchmarks" / "cpu-bench.json"
+DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench.json"
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizer" / "grok-1-tokenizer.model"
 MODEL = "bench"
 LONG, SHORT = 256, 16  # the mixed-length target's two requests

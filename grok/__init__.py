@@ -1,5 +1,7 @@
 """Grok-1 inference in JAX and Haiku."""
 
+__version__ = "0.1.0"  # the package's one version number (pyproject.toml reads it)
+
 from grok.api import Grok
 from grok.config import GROK_1, NANO, PRESETS, TINY, GrokConfig
 from grok.quant import QuantizedWeight8bit, dequantize, quantize
@@ -12,6 +14,7 @@ __all__ = [
     "Grok",
     "GrokConfig",
     "QuantizedWeight8bit",
+    "__version__",
     "dequantize",
     "quantize",
 ]

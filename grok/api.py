@@ -18,6 +18,7 @@ from grok.engine.scheduler import Scheduler, Stats
 from grok.errors import GrokError
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
+from grok.routing import ExpertUsage, Routing, UsageCounter
 from grok.tokenizer import Tokenizer
 
 
@@ -25,19 +26,25 @@ class Grok:
     """A Grok-architecture model with its parameters placed on a (data, model) mesh."""
 
     def __init__(self, config: GrokConfig, params: dict, mesh: Mesh,
-                 tokenizer: Tokenizer | None = None, moe_strategy: str = "sparse"):
+                 tokenizer: Tokenizer | None = None, moe_strategy: str = "sparse",
+                 expert_stats: bool = True):
+        """`expert_stats`: every prefill and decode step tallies its expert routing
+        (`expert_usage`); off, the steps compute nothing of it."""
         self.config = config
         self.params = params
         self.mesh = mesh
         self.tokenizer = tokenizer
         self.model = model.build(config, moe_strategy, mesh)
+        self.expert_stats = expert_stats
+        self.usage = UsageCounter(config.num_layers, config.num_experts)
         self._engines: dict[tuple[int, int], Engine] = {}
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
              tokenizer_path: str | os.PathLike | Tokenizer | None = None,
              mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
-             moe: str = "sparse", progress: bool | None = None) -> Grok:
+             moe: str = "sparse", progress: bool | None = None, verify: bool = False,
+             expert_stats: bool = True) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
         `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
@@ -47,12 +54,14 @@ class Grok:
         into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
         `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
         `tokenizer_path` may also be a `Tokenizer` already read (the CLI reads it first, to
-        check prompts before the long load).
+        check prompts before the long load). `verify`: check every file against the
+        manifest beside `ckpt-0` first (see `grok.manifest`). `expert_stats`: see
+        `Grok.__init__`.
         """
         if moe not in STRATEGIES:
-            raise ValueError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
+            raise GrokError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
         if weights not in (None, *WEIGHT_MODES):
-            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+            raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         config = resolve_config(config)
         tokenizer = tokenizer_path
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
@@ -62,12 +71,13 @@ class Grok:
         params = checkpoint.load_checkpoint(
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
-            progress=progress if distributed.is_main_process() else False)
+            progress=progress if distributed.is_main_process() else False, verify=verify)
         platform = mesh.devices.flat[0].platform
         weights = default_weight_mode(platform) if weights is None else weights
         params = store_params(params, weights, storage_dtype(platform),
                               split_experts=platform == "cpu")
-        return cls(config, params, mesh, tokenizer, moe_strategy=moe)
+        return cls(config, params, mesh, tokenizer, moe_strategy=moe,
+                   expert_stats=expert_stats)
 
     def logits(self, tokens) -> np.ndarray:
         """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
@@ -83,6 +93,36 @@ class Grok:
     @functools.cached_property
     def _forward(self):
         return jax.jit(lambda params, tokens: self.model.apply(params, tokens)[0])
+
+    def routing(self, tokens) -> Routing:
+        """The experts each token of int tokens [B, T] chose in each layer, most probable
+        first, and their gate weights, exactly as the forward pass used them: int32 and
+        float32 [B, T, L, X]; -1 and 0 at pad tokens."""
+        tokens = self.config.check_tokens(tokens)
+        batch = tokens.shape[0]
+        rows = sharding.padded_batch(self.mesh, batch)
+        padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
+        padded[:batch] = tokens
+        placed = sharding.put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
+        experts, gates = (sharding.fetch(x)[:batch] for x in self._route(self.params, placed))
+        pad = (tokens == self.config.pad_token)[:, :, None, None]
+        return Routing(np.where(pad, -1, experts).astype(np.int32),
+                       np.where(pad, 0.0, gates).astype(np.float32))
+
+    @functools.cached_property
+    def _route(self):
+        def route(params, tokens):
+            routing = self.model.apply(params, tokens, with_routing=True)[2]
+            return routing.experts, routing.gates
+        return jax.jit(route)
+
+    def expert_usage(self) -> ExpertUsage:
+        """Routing tallies of every prefill and decode step since load or the last
+        `reset_expert_usage` (all zero with `expert_stats` off)."""
+        return self.usage.snapshot()
+
+    def reset_expert_usage(self) -> None:
+        self.usage.reset()
 
     def engine(self, max_batch: int, max_seq_len: int | None = None,
                log: Callable[[str], None] | None = None) -> Engine:

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import pickle_format
+from grok import manifest, pickle_format
 from grok.config import GrokConfig
+from grok.errors import CheckpointError
+from grok.files import error, open_regular, printable
 from grok.quant import QuantizedWeight8bit, check_groups, is_quantized, quantize, release_groups
 
 CKPT_DIR = "ckpt-0"
@@ -71,12 +73,14 @@ def expected_tree(expected: dict | GrokConfig) -> dict:
 def _ckpt_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"checkpoint folder {path} does not exist")
+        raise CheckpointError(printable(f"checkpoint folder {path} does not exist"
+                                        if not path.exists() else
+                                        f"checkpoint folder {path} is a file, not a folder"))
     if (path / CKPT_DIR).is_dir():
         return path / CKPT_DIR
     if any(_TENSOR_FILE.fullmatch(p.name) for p in path.iterdir()):
         return path
-    raise ValueError(f"{path} holds neither a {CKPT_DIR} folder nor tensor files")
+    raise error(path, f"holds neither a {CKPT_DIR} folder nor tensor files")
 
 
 def _describe(header) -> str:
@@ -87,12 +91,12 @@ def _describe(header) -> str:
 
 
 def _check(file: Path, where: str, header, expected) -> None:
-    """Raises ValueError unless `header` is what `expected` (an abstract leaf) describes."""
+    """Raises CheckpointError unless `header` is what `expected` (an abstract leaf) says."""
     quantized = is_quantized(expected)
     if quantized != isinstance(header, pickle_format.QuantizedHeader):
         kind = ("an 8-bit QuantizedWeight8bit" if quantized
                 else f"a float array {list(expected.shape)}")
-        raise ValueError(f"{file} ({where}): expected {kind}, found {_describe(header)}")
+        raise error(file, f"expected {kind}, found {_describe(header)}", where)
     if quantized:
         parts = [(f"{where}, weight", header.weight, expected.weight),
                  (f"{where}, scales", header.scales, expected.scales)]
@@ -100,53 +104,63 @@ def _check(file: Path, where: str, header, expected) -> None:
         parts = [(where, header, expected)]
     for label, found, want in parts:
         if found.dtype != np.dtype(want.dtype):
-            raise ValueError(f"{file} ({label}): expected dtype {np.dtype(want.dtype)}, "
-                             f"found {found.dtype}")
+            raise error(file, f"expected dtype {np.dtype(want.dtype)}, found {found.dtype}",
+                        label)
     # The scales' shape follows from the weight's and the grouping, checked next.
     label, found, _ = parts[0]
     if tuple(found.shape) != tuple(expected.shape):
-        raise ValueError(f"{file} ({label}): expected shape {list(expected.shape)}, "
-                         f"found {list(found.shape)}")
+        raise error(file, f"expected shape {list(expected.shape)}, found {list(found.shape)}",
+                    label)
     if quantized:
         # Any grouping that divides K is usable, not only the one the release chose.
-        check_groups(header.weight.shape, header.scales.shape, f"{file} ({where})")
+        try:
+            check_groups(header.weight.shape, header.scales.shape, "")
+        except ValueError as e:
+            raise error(file, str(e).removeprefix(": "), where) from None
 
 
-def _open_all(path, expected) -> tuple[list[tuple[str, Any]], Any]:
+def _open_all(path, expected, verify: bool = False,
+              progress: bool | None = None) -> tuple[list[tuple[str, Any]], Any]:
     folder = _ckpt_dir(path)
     named, treedef = flatten(expected_tree(expected))
     names = {tensor_name(i) for i in range(len(named))}
     extra = sorted(p.name for p in folder.iterdir()
                    if _TENSOR_FILE.fullmatch(p.name) and p.name not in names)
     if extra:
-        raise ValueError(f"{folder / extra[0]}: unexpected tensor file; the expected tree has "
-                         f"{len(named)} parameters ({tensor_name(0)} .. "
-                         f"{tensor_name(len(named) - 1)}) but the folder holds "
-                         f"{len(extra)} more (a checkpoint of another config?)")
+        raise error(folder / extra[0], f"unexpected tensor file; the expected tree has "
+                    f"{len(named)} parameters ({tensor_name(0)} .. "
+                    f"{tensor_name(len(named) - 1)}) but the folder holds {len(extra)} more "
+                    "(a checkpoint of another config?)")
+    if verify:  # before any header: a corrupt download is named as such, not misparsed
+        manifest.verify(folder, progress=progress)
 
     def open_one(index: int):
         name, want = named[index]
         file = folder / tensor_name(index)
         where = f"parameter {name}, index {index}"
-        if not file.is_file():
-            raise ValueError(f"{file}: missing tensor file for {where}")
-        header = pickle_format.read_header(file)
+        if not os.path.lexists(file):
+            raise error(file, "missing tensor file", where)
+        header = pickle_format.read_header(file, where)
         _check(file, where, header, want)
-        return name, pickle_format.open_tensor(file, header)
+        return name, pickle_format.open_tensor(file, header, where)
 
     with ThreadPoolExecutor(min(_MAX_THREADS, max(len(named), 1))) as pool:
         # map yields in index order, so the first failure reported is the lowest index.
         return list(pool.map(open_one, range(len(named)))), treedef
 
 
-def read_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig) -> dict:
+def read_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig, *,
+                    verify: bool = False) -> dict:
     """The checkpoint's parameters as read-only host memory maps, checked against `expected`
     (an abstract tree, e.g. `model.abstract_params(config)`, or the config itself).
 
     `path` is the folder holding `ckpt-0`, or `ckpt-0` itself. Only headers are read; every
-    file's kind, dtype, shape and size is validated before this returns.
+    file's kind, dtype, shape and size is validated before this returns. `verify`: first
+    check every file against the manifest beside the folder (see `grok.manifest`).
+    The maps see later changes to the files (touching one past a shrunken file's end is a
+    SIGBUS); `load_checkpoint` copies out with positional reads that fail cleanly instead.
     """
-    opened, treedef = _open_all(path, expected)
+    opened, treedef = _open_all(path, expected, verify)
     return jax.tree_util.tree_unflatten(treedef, [value for _, value in opened])
 
 
@@ -242,6 +256,10 @@ _ALIGN = 64  # XLA:CPU adopts a host buffer as device memory, without a copy, at
 # A shard is read in pieces of about this many bytes of the file, in parallel: one thread
 # faulting in a 1.6 GB memory map read 0.4 GB/s here, 64 MB pieces on 8 threads 2 to 3 GB/s.
 _PIECE_BYTES = 64 << 20
+# A strided block (a column shard) is read in batches of runs, one preadv each (at most
+# 1024 buffers), reading gaps up to _GAP_BYTES into scratch rather than seeking past them.
+_RUNS_PER_READ = 500
+_GAP_BYTES = 64 << 10
 _readers = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="checkpoint-read")
 
 Key = tuple[tuple[int, int], ...]
@@ -291,26 +309,65 @@ def _pieces(view: np.ndarray, limit: int, prefix: tuple = ()) -> list[tuple]:
     return [(*prefix, slice(i, min(i + step, n))) for i in range(0, n, step)]
 
 
-def _read_piece(fd: int | None, host: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
-    """Copies `src` (a block of the memory-mapped `host`) into `dst`: one positional read
-    where the block is contiguous in the file, else through the map, with the kernel told
-    to read the block's span ahead."""
-    if fd is None:
-        np.copyto(dst, src)
-        return
-    offset = host.offset + (src.ctypes.data - host.ctypes.data)
-    if not src.flags.c_contiguous:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, offset, _span(src), os.POSIX_FADV_WILLNEED)
-        np.copyto(dst, src)
-        return
-    buffer = memoryview(dst.reshape(-1).view(np.uint8))
+def _pread_into(fd: int, host: np.ndarray, buffer: memoryview, offset: int) -> None:
+    """Fills `buffer` from the file at `offset`; a file that has shrunk is an error, never
+    a read through the memory map past its end (which would kill the process)."""
     while buffer:
         n = os.preadv(fd, [buffer], offset)
         if n == 0:
-            raise ValueError(f"{host.filename}: the file ends before the tensor's data does "
-                             "(was it changed while loading?)")
+            raise error(host.filename, f"the file ends at byte {offset}, before the tensor's "
+                        "data does (was it changed while loading?)")
         buffer, offset = buffer[n:], offset + n
+
+
+def _read_piece(fd: int | None, host: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+    """Copies `src` (a block of the memory-mapped `host`) into `dst` with positional reads
+    only, never through the map: a file that shrinks meanwhile is then an error, not a
+    SIGBUS. One read where the block is contiguous in the file, else `_read_runs`."""
+    if fd is None:  # not a file's map (an empty array): nothing can shrink under it
+        np.copyto(dst, src)
+        return
+    offset = host.offset + (src.ctypes.data - host.ctypes.data)
+    target = dst if dst.flags.c_contiguous else np.empty(dst.shape, dst.dtype)
+    out = memoryview(target.reshape(-1).view(np.uint8))
+    if src.flags.c_contiguous:
+        _pread_into(fd, host, out, offset)
+    else:
+        _read_runs(fd, host, src, offset, out)
+    if target is not dst:
+        np.copyto(dst, target)
+
+
+def _read_runs(fd: int, host: np.ndarray, src: np.ndarray, offset: int,
+               out: memoryview) -> None:
+    """Reads a strided block (a column shard, say) run by run: each contiguous run of the
+    file lands in its place in `out`, and the short gaps between runs go to one scratch
+    buffer, so that a batch of up to _RUNS_PER_READ runs costs one `preadv`."""
+    axes = src.ndim  # trailing axes that are contiguous in the file form one run
+    run = src.itemsize
+    while axes and src.strides[axes - 1] == run:
+        run *= src.shape[axes - 1]
+        axes -= 1
+    grid = np.indices(src.shape[:axes]).reshape(axes, -1)
+    starts = offset + (grid * np.array(src.strides[:axes], np.int64)[:, None]).sum(0)
+    gaps = np.diff(starts) - run
+    scratch = memoryview(bytearray(int(min(gaps.max(initial=0), _GAP_BYTES))))
+    first = 0
+    while first < len(starts):
+        last = first + 1
+        while (last < len(starts) and last - first < _RUNS_PER_READ
+               and gaps[last - 1] <= _GAP_BYTES):
+            last += 1
+        buffers = []
+        for i in range(first, last):
+            buffers.append(out[i * run:(i + 1) * run])
+            if i + 1 < last and gaps[i]:
+                buffers.append(scratch[:gaps[i]])
+        size = int(starts[last - 1]) + run - int(starts[first])
+        if os.preadv(fd, buffers, int(starts[first])) != size:  # short: the end, or a signal
+            for i in range(first, last):
+                _pread_into(fd, host, out[i * run:(i + 1) * run], int(starts[i]))
+        first = last
 
 
 def _read_slices(host: np.ndarray, slices: dict[Key, tuple]) -> dict[Key, np.ndarray]:
@@ -322,8 +379,14 @@ def _read_slices(host: np.ndarray, slices: dict[Key, tuple]) -> dict[Key, np.nda
         view = host[(*index, ...)]
         pieces = _pieces(view, _PIECE_BYTES) if mapped and view.size else [(...,)]
         jobs += [(view[piece], buffers[key][piece]) for piece in pieces]
-    fd = os.open(host.filename, os.O_RDONLY) if mapped else None
+    fd = open_regular(host.filename) if mapped else None
     try:
+        if fd is not None:
+            size = os.fstat(fd).st_size
+            if size < host.offset + host.nbytes:
+                raise error(host.filename, f"the file is now {size} bytes, but the tensor's "
+                            f"data runs to byte {host.offset + host.nbytes} (was it changed "
+                            "while loading?)")
         if len(jobs) == 1:  # a small slice: read here, not queued behind large tensors' pieces
             _read_piece(fd, host, *jobs[0])
         else:
@@ -364,7 +427,8 @@ def _parts(value) -> list[tuple[str, np.ndarray]]:
 
 
 def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
-                    sharding_for: ShardingFor, *, progress: bool | None = None) -> dict:
+                    sharding_for: ShardingFor, *, progress: bool | None = None,
+                    verify: bool = False) -> dict:
     """The checkpoint's parameters as `jax.Array`s placed where `sharding_for` says.
 
     `sharding_for(param_path, kind, shape)` returns the sharding of each array, `kind` being
@@ -374,9 +438,11 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     become the shards, so no host ever holds a copy of more than its share; files load in
     parallel, and large tensors in parallel pieces. `progress`: True always shows a
     progress line on stderr (this process's tensors, bytes and rate), False never, None
-    once the load has taken over two seconds.
+    once the load has taken over two seconds. `verify`: first check every file's size and
+    SHA-256 against the manifest beside `ckpt-0` (see `grok.manifest`; a missing manifest
+    is an error), which the format itself cannot do: it has no checksums.
     """
-    opened, treedef = _open_all(path, expected)
+    opened, treedef = _open_all(path, expected, verify, progress)
     placements = []  # per file: (8-bit?, [(host array, sharding), ...])
     for name, value in opened:
         parts = []

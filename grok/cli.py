@@ -1,4 +1,7 @@
-"""Command line: sample from a checkpoint, streaming text or printing JSON lines."""
+"""Command line: sample from a checkpoint, streaming text or printing JSON lines.
+
+Run as `grok-run`, `python -m grok`, `python -m grok.cli` or the repository's `run.py`.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +11,41 @@ import sys
 import time
 from pathlib import Path
 
-from grok import demo, distributed, sharding
+from grok import __version__, compilation, demo, distributed, plot, sharding
 from grok.api import Grok
 from grok.config import PRESETS, resolve_config
 from grok.engine.request import GenerationSettings, make_request
+from grok.errors import GrokError
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES
 from grok.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO / "checkpoints"
-DEFAULT_TOKENIZER = REPO / "tokenizer" / "tokenizer.model"
+# Relative to where the command runs, so an installed package finds the user's files.
+DEFAULT_CHECKPOINT = Path("checkpoints")
+DEFAULT_TOKENIZER = Path("tokenizer") / "tokenizer.model"
 DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
+# How the usage line names the program, by how it was started.
+_PROGRAMS = {"__main__.py": "python -m grok", "cli.py": "python -m grok.cli"}
+
+EPILOG = f"""\
+Without --checkpoint and with no checkpoints/ckpt-0 in the current directory, the demo
+model that ships with the package runs instead (see grok/demo.py): its own checkpoint,
+config and tokenizer, greedy sampling (--temperature 0), --max-new-tokens
+{demo.MAX_NEW_TOKENS} and --mesh 1x1, wherever those flags are not given. On CPU, --mesh
+needs as many devices as it names: XLA_FLAGS=--xla_force_host_platform_device_count=N
+simulates N. Bad input exits with code 2 and one line on stderr."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2, no usage dump
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script here: a rejected flag raises UsageError, which the script
+    prints as one line with exit code 2, instead of a usage dump."""
+
+    def error(self, message):
         raise UsageError(message)
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(GrokError):
+    """A flag argparse rejects."""
 
 
 def _mesh(text: str) -> tuple[int, int]:
@@ -38,82 +55,127 @@ def _mesh(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "grok-run"
+    return _PROGRAMS.get(name, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Sample text from a Grok-1 checkpoint.")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    p = ArgumentParser(prog=_program(), description="Sample text from a Grok-1 checkpoint.",
+                       epilog=EPILOG)
+    p.add_argument("--prompt", action="append",
+                   help=f"a prompt (repeat for a batch; default: {DEFAULT_PROMPT!r}, or five "
+                        f"addition problems for the demo)")
+    p.add_argument("--prompt-file", type=Path, help="one prompt per non-blank line")
     add_model_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.01, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 is off")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate at most per prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.01,
+                   help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus filter, as the release (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="default: %(default)s")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
+    p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
+                   help="write the run's expert-routing tallies (per layer and expert, "
+                        "prefill and decode) as JSON")
+    p.add_argument("--expert-plot", type=Path, metavar="FILE.png",
+                   help="draw the run's expert usage: layers x experts heat maps and "
+                        "per-layer imbalance (needs the 'plot' extra: matplotlib)")
+    compilation.add_argument(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     distributed.add_arguments(p)
     return p
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Which model to load and how: shared by run.py and the server."""
+    """Which model to load and how: shared by the command line and the server."""
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"folder holding ckpt-0, or ckpt-0 itself (default: "
-                        f"{DEFAULT_CHECKPOINT}; while it holds no ckpt-0, the demo model)")
+                        f"{DEFAULT_CHECKPOINT}/ in the current directory; while it holds no "
+                        f"ckpt-0, the demo model)")
     p.add_argument("--config", default="grok-1",
                    help=f"preset ({', '.join(PRESETS)}) or JSON path (default: %(default)s)")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                    help="SentencePiece model (default: %(default)s)")
-    p.add_argument("--mesh", type=_mesh, help="DATAxMODEL devices (default: 1xALL)")
+    p.add_argument("--mesh", type=_mesh, help="DATAxMODEL devices (default: 1xALL, one "
+                                              "data row per process in a multi-process run)")
     p.add_argument("--weights", choices=WEIGHT_MODES,
                    help="int8: 8-bit weights on the devices; dequantized: their exact bf16 "
                         "values, converted once (default: dequantized on CPU, else int8)")
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
-                   help="sparse: only the chosen experts run; dense: all, as the release")
+                   help="sparse: only the chosen experts run; dense: all, as the release "
+                        "(default: %(default)s)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint file's size and SHA-256 against the manifest "
+                        "beside ckpt-0 before loading (tools/checkpoint_manifest.py writes it)")
 
 
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise ValueError(f"--prompt-file {str(args.prompt_file)!r} does not exist")
-        prompts += [line for line in args.prompt_file.read_text().splitlines() if line]
+        path = args.prompt_file
+        if not path.is_file():
+            raise GrokError(f"--prompt-file {str(path)!r} does not exist")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise GrokError(f"--prompt-file {str(path)!r} holds no prompts: expected one "
+                            f"prompt per line, found only blank lines or nothing")
+        prompts += lines
     return prompts or [DEFAULT_PROMPT]
 
 
 def _check_paths(args) -> None:
+    """Says where the files go, and suggests a flag only where it was not given."""
     ckpt = args.checkpoint
     if not (ckpt / "ckpt-0").is_dir() and not (ckpt.name == "ckpt-0" and ckpt.is_dir()):
-        raise ValueError(
-            f"no checkpoint at {str(ckpt)!r}: put the released ckpt-0/ folder (770 tensor "
-            f"files, about 318 GB) in {str(DEFAULT_CHECKPOINT)!r} or pass --checkpoint; "
-            f"checkpoints/README.md says how to download it")
+        where = ("expected a folder holding the released ckpt-0/ (770 tensor files, about "
+                 "318 GB), or ckpt-0 itself")
+        raise GrokError(f"no checkpoint at {str(ckpt)!r}: {where}; checkpoints/README.md "
+                        f"says how to download it")
     if not args.tokenizer.is_file():
-        raise ValueError(
-            f"no tokenizer at {str(args.tokenizer)!r}: put the released tokenizer.model there "
-            f"or pass --tokenizer; tokenizer/README.md says where to get it")
+        given = args.tokenizer != DEFAULT_TOKENIZER
+        hint = ("expected the released tokenizer.model (a SentencePiece model)" if given
+                else "put the released tokenizer.model there or pass --tokenizer")
+        raise GrokError(f"no tokenizer at {str(args.tokenizer)!r}: {hint}; "
+                        f"tokenizer/README.md says where to get it")
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _run(args, out, err) -> None:
-    if args.demo:
-        print(demo.BANNER, file=err)
-    # Everything a user can get wrong is checked before minutes go into loading.
+    # Everything a user can get wrong is checked before the banner and before minutes go
+    # into loading, so that a mistake is one line.
     config = resolve_config(args.config)
     _check_paths(args)
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    if args.expert_plot is not None:
+        plot.require()
+    for flag, path in (("--expert-stats", args.expert_stats),
+                       ("--expert-plot", args.expert_plot)):
+        if path is not None and not path.parent.is_dir():
+            raise GrokError(f"{flag}: folder {str(path.parent)!r} does not exist")
     examples = args.demo and not args.prompt and args.prompt_file is None
     prompts = demo.example_prompts() if examples else _prompts(args)
     # The checks `Grok.run` makes, before the load rather than after it.
     for i, prompt in enumerate(prompts):
         make_request(config, tokenizer, prompt, GenerationSettings(**settings),
                      label=f"prompt {i}")
+    if args.demo:
+        print(demo.BANNER, file=err)
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
-                     mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
+                     mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
+                     verify=args.verify)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
     run = grok.run(prompts, log=lambda line: print(line, file=err, flush=True), **settings)
@@ -127,11 +189,17 @@ def _run(args, out, err) -> None:
             demo.write_examples(run.completions, out)
     else:
         _stream_in_order(run, prompts, out)
+    usage = grok.expert_usage()
+    if args.expert_stats is not None:
+        args.expert_stats.write_text(json.dumps(usage.to_json()) + "\n")
+    if args.expert_plot is not None:
+        plot.usage_figure(usage, f"Expert usage: {len(prompts)} prompt"
+                          f"{'s' * (len(prompts) != 1)}", args.expert_plot)
     s = run.stats
     rate = s.decode_tokens / s.decode_s if s.decode_s > 0 else float("nan")
     print(f"compile {run.compile_s:.1f} s, prefill {s.prefill_s:.2f} s "
-          f"({s.prefill_tokens} tokens), decode {rate:.1f} tokens/s "
-          f"({s.decode_tokens} tokens)", file=err)
+          f"({_plural(s.prefill_tokens, 'token')}), decode {rate:.1f} tokens/s "
+          f"({_plural(s.decode_tokens, 'token')})", file=err)
 
 
 def _stream_in_order(events, prompts: list[str], out) -> None:
@@ -160,10 +228,23 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
     try:
         args = demo.parse_args(build_parser(), argv)
         distributed.initialize(args)  # before anything touches a JAX backend
+        compilation.enable(args.compilation_cache)
         _run(args, *distributed.main_only(out, err))
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=err)
+        print(f"error: {_one_line(e)}", file=err)
         distributed.exit_on_failure(2)
         return 2
+    except SystemExit as e:  # --help and --version print, then end here
+        return e.code if isinstance(e.code, int) else 0
     return 0
+
+
+def _one_line(e: Exception, limit: int = 1000) -> str:
+    """The message on one printable line of bounded length."""
+    text = str(e).replace("\r", " ").replace("\n", " ") or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())
 

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from grok.errors import GrokError
+
 # RMSNorm epsilon and RoPE base used throughout the release.
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10_000
@@ -65,37 +67,37 @@ class GrokConfig:
                      "num_kv_heads", "num_layers", "num_experts", "num_selected_experts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GrokConfig.{name} must be a positive integer, got {value!r}")
+                raise GrokError(f"GrokConfig.{name} must be a positive integer, got {value!r}")
         for name in ("pad_token", "eos_token"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"GrokConfig.{name} must be an integer, got {value!r}")
+                raise GrokError(f"GrokConfig.{name} must be an integer, got {value!r}")
             if not 0 <= value < self.vocab_size:
-                raise ValueError(
+                raise GrokError(
                     f"GrokConfig.{name}={value} must lie in [0, vocab_size={self.vocab_size})")
         for name in ("embedding_multiplier_scale", "output_multiplier_scale",
                      "attn_output_multiplier", "widening_factor"):
             value = getattr(self, name)
             if (isinstance(value, bool) or not isinstance(value, (int, float))
                     or not math.isfinite(value) or value <= 0):
-                raise ValueError(f"GrokConfig.{name} must be a positive number, got {value!r}")
+                raise GrokError(f"GrokConfig.{name} must be a positive number, got {value!r}")
         if self.emb_size != self.num_q_heads * self.key_size:
-            raise ValueError(
+            raise GrokError(
                 f"GrokConfig: emb_size={self.emb_size} must equal num_q_heads * key_size = "
                 f"{self.num_q_heads} * {self.key_size} = {self.num_q_heads * self.key_size}")
         if self.num_q_heads % self.num_kv_heads:
-            raise ValueError(
+            raise GrokError(
                 f"GrokConfig: num_q_heads={self.num_q_heads} must be a multiple of "
                 f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
         if self.key_size % 2:
-            raise ValueError(
+            raise GrokError(
                 f"GrokConfig: key_size={self.key_size} must be even (RoPE rotates half-pairs)")
         if self.num_selected_experts > self.num_experts:
-            raise ValueError(
+            raise GrokError(
                 f"GrokConfig: num_selected_experts={self.num_selected_experts} must be at most "
                 f"num_experts={self.num_experts}")
         if self.ffn_size <= 0:
-            raise ValueError(
+            raise GrokError(
                 f"GrokConfig: widening_factor={self.widening_factor} with emb_size="
                 f"{self.emb_size} gives an empty expert width")
 
@@ -103,16 +105,16 @@ class GrokConfig:
         """Token ids as an int32 [B, T] array, or a ValueError saying what is wrong."""
         arr = np.asarray(tokens)
         if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-            raise ValueError(f"tokens must be a non-empty [batch, time] array, "
+            raise GrokError(f"tokens must be a non-empty [batch, time] array, "
                              f"got shape {list(arr.shape)}")
         if not np.issubdtype(arr.dtype, np.integer):
-            raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+            raise GrokError(f"tokens must be integers, got dtype {arr.dtype}")
         bad = (arr < 0) | (arr >= self.vocab_size)
         if bad.any():
-            raise ValueError(f"token id {arr[bad][0]} is outside [0, vocab_size="
+            raise GrokError(f"token id {arr[bad][0]} is outside [0, vocab_size="
                              f"{self.vocab_size})")
         if arr.shape[1] > self.sequence_len:
-            raise ValueError(f"{arr.shape[1]} tokens exceed the context of "
+            raise GrokError(f"{arr.shape[1]} tokens exceed the context of "
                              f"sequence_len={self.sequence_len}")
         return arr.astype(np.int32)
 
@@ -121,14 +123,14 @@ class GrokConfig:
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> GrokConfig:
         if not isinstance(values, dict):
-            raise ValueError(f"{source}: expected a JSON object, got {type(values).__name__}")
+            raise GrokError(f"{source}: expected a JSON object, got {type(values).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(names))
         missing = [n for n in names if n not in values]
         if unknown:
-            raise ValueError(f"{source}: unknown config key(s) {unknown}; expected {names}")
+            raise GrokError(f"{source}: unknown config key(s) {unknown}; expected {names}")
         if missing:
-            raise ValueError(f"{source}: missing config key(s) {missing}")
+            raise GrokError(f"{source}: missing config key(s) {missing}")
         return cls(**values)
 
     @classmethod
@@ -137,9 +139,9 @@ class GrokConfig:
             with open(path) as f:
                 values = json.load(f)
         except FileNotFoundError:
-            raise ValueError(f"config file {os.fspath(path)!r} does not exist") from None
+            raise GrokError(f"config file {os.fspath(path)!r} does not exist") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
+            raise GrokError(f"config file {os.fspath(path)!r} is not valid JSON: {e}") from None
         return cls.from_dict(values, source=f"config file {os.fspath(path)!r}")
 
     def to_dict(self) -> dict:
@@ -211,5 +213,5 @@ def resolve_config(config: GrokConfig | str | os.PathLike) -> GrokConfig:
         return PRESETS[config]
     if isinstance(config, (str, os.PathLike)) and os.path.exists(config):
         return GrokConfig.from_json(config)
-    raise ValueError(
+    raise GrokError(
         f"config {config!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file")

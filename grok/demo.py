@@ -1,9 +1,10 @@
 """The demo model: a small Grok-1-architecture model, trained by `tools/train_demo.py` on
-addition, that ships with the repository so that `run.py` works before the 318 GB download.
+addition, that ships inside the package (`grok/demo_files/`) so that `run.py` and an
+installed `grok-run` work before the 318 GB download.
 
 It answers prompts like "123+456=" with "579" and EOS. The problems are split for good by a
 hash rule: the training script never sees a held-out problem, so the held-out ones shown by
-`run.py` and used by the tests are fresh to the model.
+`run.py` and used by the tests are fresh to the model. `load()` gives it to Python in one call.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CHECKPOINT = REPO / "checkpoints" / "demo"
-DEMO_CONFIG = DEMO_CHECKPOINT / "config.json"
-DEMO_TOKENIZER = REPO / "tokenizer" / "demo.model"
+from grok.api import Grok
+
+# Package data, so found wherever the package is installed.
+DEMO_FILES = Path(__file__).resolve().parent / "demo_files"
+DEMO_CHECKPOINT = DEMO_FILES  # holds ckpt-0/
+DEMO_CONFIG = DEMO_FILES / "config.json"
+DEMO_TOKENIZER = DEMO_FILES / "demo.model"
 
 MAX_DIGITS = 3  # each operand has 1 to 3 digits
 HOLD_OUT_ONE_IN = 50  # 2% of all problems are held out of training
@@ -25,6 +29,9 @@ HOLD_OUT_ONE_IN = 50  # 2% of all problems are held out of training
 MAX_NEW_TOKENS = 8
 EXAMPLES = 5
 EXAMPLE_SEED = 2037  # a mix of lengths and carries
+
+# What the demo changes from the release's sampling defaults.
+SETTINGS = {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS}
 
 BANNER = """\
 No Grok-1 weights in checkpoints/ckpt-0: running the demo, a small model of the Grok-1
@@ -86,13 +93,30 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     demo = args.checkpoint is None and not (Path(real_default) / "ckpt-0").is_dir()
     if demo:
         parser.set_defaults(checkpoint=DEMO_CHECKPOINT, config=str(DEMO_CONFIG),
-                            tokenizer=DEMO_TOKENIZER, mesh=(1, 1), temperature=0.0,
-                            max_new_tokens=MAX_NEW_TOKENS)
+                            tokenizer=DEMO_TOKENIZER, mesh=(1, 1), **SETTINGS)
     else:
         parser.set_defaults(checkpoint=real_default)
     args = parser.parse_args(argv)
     args.demo = demo
     return args
+
+
+class DemoGrok(Grok):
+    """The demo model, whose `generate` and `stream` default to greedy decoding and room
+    for the longest answer (the release's 100 new tokens do not fit its 64 positions)."""
+
+    def generate(self, prompts, **settings):
+        return super().generate(prompts, **{**SETTINGS, **settings})
+
+    def stream(self, prompts, **settings):
+        return super().stream(prompts, **{**SETTINGS, **settings})
+
+
+def load(mesh_shape: tuple[int, int] = (1, 1), weights: str | None = None,
+         moe: str = "sparse") -> DemoGrok:
+    """The demo model with its config and tokenizer, ready for `generate("123+456=")`."""
+    return DemoGrok.load(DEMO_CHECKPOINT, DEMO_CONFIG, tokenizer_path=DEMO_TOKENIZER,
+                         mesh_shape=mesh_shape, weights=weights, moe=moe)
 
 
 def example_prompts() -> list[str]:

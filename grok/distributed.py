@@ -26,6 +26,8 @@ import sys
 
 import jax
 
+from grok.errors import GrokError
+
 _ADDRESS = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})")
 
 
@@ -48,15 +50,15 @@ def _check(args) -> None:
     if args.coordinator is not None:
         match = _ADDRESS.fullmatch(args.coordinator)
         if not match or not 0 < int(match.group(1)) < 65536:
-            raise ValueError(f"--coordinator must be HOST:PORT (process 0's address and a free "
+            raise GrokError(f"--coordinator must be HOST:PORT (process 0's address and a free "
                              f"port), got {args.coordinator!r}")
     if args.num_processes is not None and args.num_processes < 1:
-        raise ValueError(f"--num-processes must be at least 1, got {args.num_processes}")
+        raise GrokError(f"--num-processes must be at least 1, got {args.num_processes}")
     if args.process_id is not None:
         if args.process_id < 0:
-            raise ValueError(f"--process-id must be at least 0, got {args.process_id}")
+            raise GrokError(f"--process-id must be at least 0, got {args.process_id}")
         if args.num_processes is not None and args.process_id >= args.num_processes:
-            raise ValueError(f"--process-id {args.process_id} is out of range for "
+            raise GrokError(f"--process-id {args.process_id} is out of range for "
                              f"--num-processes {args.num_processes} (ids are 0 .. "
                              f"{args.num_processes - 1})")
 
@@ -79,7 +81,7 @@ def initialize(args) -> bool:
         where = (f"coordinator {args.coordinator or '(from the environment)'}, process "
                  f"{'?' if args.process_id is None else args.process_id} of "
                  f"{'?' if args.num_processes is None else args.num_processes}")
-        raise ValueError(f"could not join the multi-process run ({where}): {e}") from None
+        raise GrokError(f"could not join the multi-process run ({where}): {e}") from None
     _native_stdout_to_stderr()
     return True
 

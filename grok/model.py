@@ -6,6 +6,7 @@ Shape letters (used in comments and einsum specs):
   R query heads per key/value head (H = K * R)    C head width (key_size)
   E experts          X experts chosen per token   F expert width (ffn_size)
   V vocabulary       N tokens of a flattened batch (B * T)
+  L layers
 
 Numerics follow the release: activations in bf16; norms, RoPE phases, the router and the
 attention softmax in float32. Weights are used in their own dtype: 8-bit weights are
@@ -16,6 +17,8 @@ the release's, so its checkpoint loads into this tree unchanged.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -134,10 +137,19 @@ class Attention(hk.Module):
         return Linear(cfg.emb_size, name="linear")(out), kv
 
 
+class LayerRouting(NamedTuple):
+    """What one layer's router chose for each token."""
+
+    experts: jax.Array  # i32[B, T, X]: most probable first
+    gates: jax.Array  # f32[B, T, X]: their raw softmax probabilities, as the layer used them
+    entropy: jax.Array  # f32[B, T]: entropy of the router's distribution over the E experts
+
+
 class MoE(hk.Module):
     """Softmax router over E experts, top-X by probability, GELU-gated expert FFNs.
 
     The gates are the raw softmax probabilities of the chosen experts (not renormalised).
+    Returns the output and the layer's `LayerRouting` (free when unused: XLA drops it).
     """
 
     def __init__(self, config: GrokConfig, strategy: str):
@@ -158,7 +170,10 @@ class MoE(hk.Module):
         probs = jax.nn.softmax(router_logits, axis=-1)
         gates, chosen = jax.lax.top_k(probs, cfg.num_selected_experts)  # [N, X]
         out = moe.dispatch(self.strategy, tokens, gates, chosen, w_gelu, w_up, w_down)
-        return out.reshape(b, t, d)
+        entropy = -jnp.sum(probs * jax.nn.log_softmax(router_logits, axis=-1), axis=-1)
+        routing = LayerRouting(chosen.reshape(b, t, -1).astype(jnp.int32),
+                               gates.reshape(b, t, -1), entropy.reshape(b, t))
+        return out.reshape(b, t, d), routing
 
 
 class DecoderLayer(hk.Module):
@@ -172,8 +187,8 @@ class DecoderLayer(hk.Module):
         a, kv = Attention(cfg)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, starts)
         h = h + RMSNorm(name="rms_norm_1")(a)
         router_w = _Weight((cfg.emb_size, cfg.num_experts), name="router")()
-        m = MoE(cfg, self.moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w)
-        return h + RMSNorm(name="rms_norm_3")(m), kv
+        m, routing = MoE(cfg, self.moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w)
+        return h + RMSNorm(name="rms_norm_3")(m), kv, routing
 
 
 class Transformer(hk.Module):
@@ -186,14 +201,17 @@ class Transformer(hk.Module):
         self.mesh = mesh
 
     def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
-        new_layers = []
+        """The residual stream after every layer, the new cache layers, and the routing
+        of every layer stacked on a layer axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
+        new_layers, routings = [], []
         for i in range(self.config.num_layers):
             kv = None if cache is None else cache.layers[i]
-            h, kv = DecoderLayer(self.config, i, self.moe_strategy)(
+            h, kv, routing = DecoderLayer(self.config, i, self.moe_strategy)(
                 h, positions, key_mask, kv, starts)
             h = constrain(h, self.mesh, RESIDUAL_SPEC)
             new_layers.append(kv)
-        return h, new_layers
+            routings.append(routing)
+        return h, new_layers, jax.tree.map(lambda *xs: jnp.stack(xs, axis=2), *routings)
 
 
 class InOutEmbed(hk.Module):
@@ -224,8 +242,9 @@ class LanguageModel(hk.Module):
         self.transformer = transformer
 
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None,
-                 attend_len: int | None = None):
-        """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None).
+                 attend_len: int | None = None, with_routing: bool = False):
+        """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None);
+        with `with_routing`, also every layer's `LayerRouting` ([B, T, L, X] / [B, T, L]).
 
         Without a cache the T tokens are whole sequences. With one, they continue the
         cache's first B rows (it may hold more, left untouched), each at slot
@@ -256,27 +275,30 @@ class LanguageModel(hk.Module):
         # by batch (a direct reshuffle is one XLA can only do by replicating anyway).
         h = constrain(embed.embed(tokens), mesh, REPLICATED_SPEC)  # [B, T, D]
         h = constrain(h * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
-        h, layers = self.transformer(h, positions, key_mask, cache, starts)
+        h, layers, routing = self.transformer(h, positions, key_mask, cache, starts)
         h = RMSNorm(name="rms_norm")(h)
         logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
 
         if cache is None:
-            return logits, None
-        num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-        return logits, KVCache(tuple(layers), cache.lengths.at[:b].add(num_new),
-                               cache.key_valid.at[:b].set(key_valid))
+            new_cache = None
+        else:
+            num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
+            new_cache = KVCache(tuple(layers), cache.lengths.at[:b].add(num_new),
+                                cache.key_valid.at[:b].set(key_valid))
+        return (logits, new_cache, routing) if with_routing else (logits, new_cache)
 
 
 def build(config: GrokConfig, moe_strategy: str = "sparse",
           mesh: Mesh | None = None) -> hk.Transformed:
     """The transformed model: `apply(params, tokens, cache=None, num_new=None,
-    attend_len=None)`.
+    attend_len=None, with_routing=False)`.
 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """
-    def forward(tokens, cache=None, num_new=None, attend_len=None):
+    def forward(tokens, cache=None, num_new=None, attend_len=None, with_routing=False):
         transformer = Transformer(config, moe_strategy, mesh)
-        return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len)
+        return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len,
+                                                  with_routing)
     return hk.without_apply_rng(hk.transform(forward))
 
 

@@ -9,8 +9,9 @@ them.
 Three ways to get there, equal up to bf16 rounding order:
 - `dense`: every expert on every token, the release's formulation (E/X times the work);
   kept as the oracle the others are tested against.
-- `per_copy`: for a few tokens (decoding), each (token, expert) copy indexes its expert's
-  weights directly, so only the chosen experts' weights are read.
+- `per_expert`: for a few tokens (decoding), each expert that some token chose runs once on
+  all N rows, and the others are skipped, so only the chosen experts' weights are read. Its
+  program holds E expert bodies whatever N is, so compile time does not grow with the batch.
 - `grouped`: for many tokens (prefill), copies are sorted by expert into tiles of M rows
   that each belong to one expert, and each tile runs against its expert's weights alone;
   no all-experts tensor is ever formed. Tiles past the last used one are skipped.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from grok.errors import GrokError
 from grok.quant import ExpertWeights, qdot
 
 
@@ -71,13 +73,24 @@ def dense(x, gates, chosen, w_gelu, w_up, w_down):
     return combine(picked, gates)
 
 
-def per_copy(x, gates, chosen, w_gelu, w_up, w_down):
-    """Each of the N*X (token, expert) copies with only its expert's weights. Unrolled (it
-    serves few copies), so XLA may run the copies' reads side by side."""
+def per_expert(x, gates, chosen, w_gelu, w_up, w_down):
+    """Every expert some token chose, once, on all N rows; a `cond` skips the rest.
+
+    With few rows an expert costs the reading of its weights, whatever N, so this reads
+    each chosen expert once (an earlier per-copy form read an expert once per copy that
+    chose it, and unrolled copies x E switch branches, so compile time grew with the
+    batch). The rows an expert computes are those `dense` computes, so the two agree.
+    """
     n, num_chosen = chosen.shape
-    out = [expert_ffn(chosen[c // num_chosen, c % num_chosen], x[c // num_chosen][None],
-                      w_gelu, w_up, w_down)[0] for c in range(n * num_chosen)]
-    return combine(jnp.stack(out).reshape(n, num_chosen, -1), gates)
+    picked = jnp.zeros((n, num_chosen, x.shape[1]), x.dtype)  # [N, X, D]
+    for e in range(w_gelu.shape[0]):
+        hit = chosen == e  # [N, X]
+        out = jax.lax.cond(
+            jnp.any(hit),
+            lambda e=e: _ffn(x, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e)),
+            lambda: jnp.zeros_like(x))
+        picked = jnp.where(hit[:, :, None], out[:, None, :], picked)
+    return combine(picked, gates)
 
 
 def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
@@ -118,12 +131,12 @@ def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
 
 
 def sparse(x, gates, chosen, w_gelu, w_up, w_down):
-    """Only the chosen experts' work: per copy while there are fewer copies than experts
-    (each expert read at most about once either way), tiles by expert beyond that."""
+    """Only the chosen experts' work: per expert on all rows while there are no more copies
+    than experts (each expert read at most once either way), tiles by expert beyond that."""
     copies = chosen.size
     num_experts = w_gelu.shape[0]
     if copies <= num_experts:
-        return per_copy(x, gates, chosen, w_gelu, w_up, w_down)
+        return per_expert(x, gates, chosen, w_gelu, w_up, w_down)
     # Aim for about one tile per expert group, within [8, 128] rows.
     tile = int(min(128, max(8, 1 << (-(-copies // num_experts) - 1).bit_length())))
     return grouped(x, gates, chosen, w_gelu, w_up, w_down, tile=tile)
@@ -134,5 +147,5 @@ STRATEGIES = {"dense": dense, "sparse": sparse}
 
 def dispatch(strategy: str, x, gates, chosen, w_gelu, w_up, w_down):
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown MoE strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+        raise GrokError(f"unknown MoE strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     return STRATEGIES[strategy](x, gates, chosen, w_gelu, w_up, w_down)

@@ -5,12 +5,18 @@ Each released file is a protocol-4 pickle of either a numpy array or a
 tampered file run code, so the reader interprets the opcode stream itself: a stack machine
 that knows only the opcodes and globals such files use, never reads the array bytes (it
 records where they lie and memory-maps them), and refuses anything else by name.
+
+Files may be hostile, so everything the stream declares is bounded before it is used: the
+number of opcodes, string lengths, the number and size of dimensions (against the bytes
+actually present, before any multiplication), and messages quote the file only through
+bounded, escaped excerpts. Header fields where one flipped bit would change the meaning of
+the data without changing any size (Fortran order, byte order, a rebound memo entry, a
+repeated dict key, dtype flags) are checked exactly against what numpy writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import pickletools
 import struct
@@ -21,10 +27,13 @@ from typing import NoReturn
 import ml_dtypes
 import numpy as np
 
+from grok.errors import CheckpointError
+from grok.files import error, excerpt, open_regular
 from grok.quant import QuantizedWeight8bit, check_groups
 
 # dtypes a tensor may have; the stream names them by these numpy codes (or ml_dtypes.bfloat16).
 _DTYPE_CODES = ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "b1")
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 _RECONSTRUCT = "reconstruct"
 _GLOBALS = {
@@ -37,7 +46,14 @@ _GLOBALS = {
 }
 
 # Strings in these files are module and key names; anything longer is corruption or an attack.
-_MAX_STRING = 1 << 16
+_MAX_STRING = 256
+# A released header is under 100 opcodes; this bounds the parser's time and memory.
+_MAX_OPS = 10_000
+# numpy allows 64 dimensions; released tensors have at most 3.
+_MAX_NDIM = 32
+_MAX_MEMO_DIGITS = 10
+# Byte strings this short (numpy's b"b" placeholder) are read, to be checked exactly.
+_SMALL_BYTES = 16
 # As CPython's pickler: payloads this large bypass frames, and tiny frames get no header.
 _FRAME_TARGET = 64 * 1024
 _FRAME_MIN = 4
@@ -70,6 +86,7 @@ class _Global:
 class _Bytes:
     offset: int
     length: int
+    value: bytes | None = None  # the content, for short ones only
 
 
 class _Mark:
@@ -92,21 +109,59 @@ class _QuantStub:
         self.header: QuantizedHeader | None = None
 
 
+_GLOBAL_NAMES = {"reconstruct": "numpy _reconstruct", "ndarray": "numpy.ndarray",
+                 "dtype": "numpy.dtype", "bfloat16": "ml_dtypes.bfloat16",
+                 "QuantizedWeight8bit": "QuantizedWeight8bit"}
+_STUB_NAMES = {"_DtypeStub": "numpy dtype", "_ArrayStub": "ndarray",
+               "_QuantStub": "QuantizedWeight8bit"}
+
+
 def _describe(obj) -> str:
+    """What kind of thing `obj` is, in the format's terms (never an internal class name)."""
     if isinstance(obj, _Global):
-        return obj.name
+        return f"reference to {_GLOBAL_NAMES[obj.name]}"
     if isinstance(obj, (_DtypeStub, _ArrayStub, _QuantStub)):
-        return type(obj).__name__.lstrip("_").replace("Stub", "")
+        return _STUB_NAMES[type(obj).__name__]
     if isinstance(obj, _Bytes):
         return f"bytes[{obj.length}]"
     return type(obj).__name__
 
 
+def _a(obj) -> str:
+    """`_describe(obj)` with its article."""
+    text = _describe(obj)
+    return f"{'an' if text[0] in 'aeiouAEIOU' else 'a'} {text}"
+
+
+def _show(obj, depth: int = 2) -> str:
+    """A value built from the file, shown within a small bound whatever its shape: shared
+    tuple graphs, deep nesting, long strings and huge integers all stay a few lines long."""
+    if obj is None or isinstance(obj, bool):
+        return repr(obj)
+    if isinstance(obj, int):
+        return str(obj) if obj.bit_length() <= 64 else f"<an integer of {obj.bit_length()} bits>"
+    if isinstance(obj, str):
+        return excerpt(obj)
+    if isinstance(obj, _Bytes):
+        return excerpt(obj.value) if obj.value is not None else f"<bytes[{obj.length}]>"
+    if isinstance(obj, tuple):
+        if depth <= 0:
+            return f"<tuple of {len(obj)}>"
+        items = [_show(x, depth - 1) for x in obj[:4]]
+        if len(obj) > 4:
+            items.append(f"... {len(obj)} in all")
+        return f"({', '.join(items)}{',' if len(obj) == 1 else ''})"
+    if isinstance(obj, dict):
+        return f"<dict of {len(obj)}>"
+    return f"<{_describe(obj)}>"
+
+
 class _Parser:
     """One pass over one file's opcodes; payload bytes are skipped, never read."""
 
-    def __init__(self, path: str, f, size: int):
+    def __init__(self, path: str, f, size: int, where: str | None = None):
         self.path = path
+        self.where = where
         self.f = f
         self.size = size
         self.stack: list = []
@@ -140,10 +195,10 @@ class _Parser:
         }
 
     def fail(self, message: str) -> NoReturn:
-        raise ValueError(f"{self.path}: {message}")
+        raise error(self.path, message, self.where)
 
     def run(self) -> ArrayHeader | QuantizedHeader:
-        while True:
+        for _ in range(_MAX_OPS):
             pos = self.f.tell()
             code = self.f.read(1)
             if not code:
@@ -159,6 +214,7 @@ class _Parser:
                 handler()
             except IndexError:
                 self.fail(f"malformed pickle stream: stack underflow at byte {pos}")
+        self.fail(f"more than {_MAX_OPS} pickle opcodes; a tensor header has under 100")
 
     def _stop(self, pos: int):
         if self.marks or len(self.stack) != 1:
@@ -170,7 +226,13 @@ class _Parser:
         result = self.stack[0]
         if isinstance(result, (_ArrayStub, _QuantStub)) and result.header is not None:
             return result.header
-        self.fail(f"holds a {_describe(result)}, not an array or a QuantizedWeight8bit")
+        self.fail(f"holds {_a(result)}, not an array or a QuantizedWeight8bit")
+
+    def _check_int(self, value, what: str, low: int, high: int) -> int:
+        """`value` as a plain int within [low, high], compared before any arithmetic."""
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            self.fail(f"{what}: expected an integer from {low} to {high}, found {_show(value)}")
+        return value
 
     # --- reading primitives ---------------------------------------------------------
 
@@ -179,7 +241,11 @@ class _Parser:
         if n > self.size - pos:
             self.fail(f"truncated: needs {n} bytes at byte {pos}, but the file has only "
                       f"{self.size}")
-        return self.f.read(n)
+        data = self.f.read(n)
+        if len(data) != n:
+            self.fail(f"truncated: the file ends at byte {pos + len(data)} though it was "
+                      f"{self.size} bytes long when opened (changed while reading?)")
+        return data
 
     def _uint(self, n: int) -> int:
         return int.from_bytes(self._read(n), "little")
@@ -195,8 +261,8 @@ class _Parser:
 
     def _line_int(self) -> int:
         line = self._line()
-        if not line.isdigit():
-            self.fail(f"bad memo index {line!r} before byte {self.f.tell()}")
+        if not line.isdigit() or len(line) > _MAX_MEMO_DIGITS:
+            self.fail(f"bad memo index {excerpt(line)} before byte {self.f.tell()}")
         return int(line)
 
     def _push(self, value) -> None:
@@ -236,13 +302,20 @@ class _Parser:
         if length > self.size - offset:
             self.fail(f"truncated: {length} bytes of data declared at byte {offset}, but only "
                       f"{self.size - offset} remain")
-        self.f.seek(length, os.SEEK_CUR)
-        self._push(_Bytes(offset, length))
+        if length <= _SMALL_BYTES:
+            self._push(_Bytes(offset, length, self._read(length)))
+        else:
+            self.f.seek(length, os.SEEK_CUR)
+            self._push(_Bytes(offset, length))
 
     def _memoize(self) -> None:
-        self.memo[len(self.memo)] = self.stack[-1]
+        self._put(len(self.memo))
 
     def _put(self, index: int) -> None:
+        # A pickler writes each memo entry once; rebinding one would silently re-route a
+        # later reference (to another dtype, say), so it is refused.
+        if index in self.memo:
+            self.fail(f"memo entry {index} written twice (byte {self.f.tell()})")
         self.memo[index] = self.stack[-1]
 
     def _get(self, index: int) -> None:
@@ -253,8 +326,9 @@ class _Parser:
     def _resolve_global(self, module, name) -> None:
         key = (module, name)
         if key not in _GLOBALS:
-            self.fail(f"refusing pickle global {module}.{name}: a checkpoint tensor may only "
-                      f"reference {', '.join(sorted({'.'.join(k) for k in _GLOBALS}))}")
+            self.fail(f"refusing pickle global {excerpt(f'{module}.{name}')}: a checkpoint "
+                      f"tensor may only reference "
+                      f"{', '.join(sorted({'.'.join(k) for k in _GLOBALS}))}")
         self._push(_Global(_GLOBALS[key]))
 
     def _stack_global(self) -> None:
@@ -294,22 +368,25 @@ class _Parser:
 
     def _store(self, target, items: list) -> None:
         if not isinstance(target, dict):
-            self.fail(f"SETITEM(S) on a {_describe(target)}, not a dict")
+            self.fail(f"SETITEM(S) on {_a(target)}, not a dict")
         for key, value in zip(items[::2], items[1::2], strict=True):
             if not isinstance(key, str):
                 self.fail(f"dict key of type {_describe(key)}; only string keys are expected")
+            if key in target:
+                self.fail(f"dict key {excerpt(key)} given twice")
             target[key] = value
 
     def _reduce(self) -> None:
         args = self.stack.pop()
         func = self.stack.pop()
         if not isinstance(args, tuple):
-            self.fail(f"REDUCE arguments are a {_describe(args)}, not a tuple")
+            self.fail(f"REDUCE arguments are {_a(args)}, not a tuple")
         if func == _Global(_RECONSTRUCT):
             ok = (len(args) == 3 and args[0] == _Global("ndarray") and args[1] == (0,)
-                  and isinstance(args[2], _Bytes))
+                  and isinstance(args[2], _Bytes) and args[2].value == b"b")
             if not ok:
-                self.fail("unexpected arguments to _reconstruct: expected (ndarray, (0,), bytes)")
+                self.fail(f"unexpected arguments to _reconstruct: expected (ndarray, (0,), "
+                          f"b'b'), found {_show(args)}")
             self._push(_ArrayStub())
         elif func == _Global("dtype"):
             self._push(_DtypeStub(self._dtype_base(args)))
@@ -318,13 +395,14 @@ class _Parser:
 
     def _dtype_base(self, args: tuple) -> np.dtype:
         if len(args) != 3 or args[1] is not False or args[2] is not True:
-            self.fail(f"unexpected numpy.dtype arguments {args!r}")
+            self.fail(f"unexpected numpy.dtype arguments {_show(args)}; expected (code, "
+                      "False, True)")
         code = args[0]
         if code == _Global("bfloat16"):
             return np.dtype(ml_dtypes.bfloat16)
-        if code not in _DTYPE_CODES:
-            self.fail(f"unsupported dtype {code!r}; expected one of {', '.join(_DTYPE_CODES)} "
-                      "or ml_dtypes.bfloat16")
+        if not isinstance(code, str) or code not in _DTYPE_CODES:
+            self.fail(f"unsupported dtype {_show(code)}; expected one of "
+                      f"{', '.join(_DTYPE_CODES)} or ml_dtypes.bfloat16")
         return np.dtype(code)
 
     def _newobj(self) -> None:
@@ -344,79 +422,146 @@ class _Parser:
             build = self._build_array if isinstance(obj, _ArrayStub) else self._build_quantized
             obj.header = build(state)
         else:
-            self.fail(f"BUILD on a {_describe(obj)} is not allowed (or applied twice)")
+            self.fail(f"BUILD on {_a(obj)} is not allowed (or applied twice)")
 
     def _build_dtype(self, base: np.dtype, state) -> np.dtype:
-        ok = (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
-              and state[2:5] == (None, None, None) and state[5] in (-1, base.itemsize))
+        # What numpy writes: (-1, -1, 0) for its own types; size, alignment and flags for
+        # ml_dtypes' bfloat16. Any other value would be a different (or damaged) type.
+        tail = (-1, -1, 0) if base != _BFLOAT16 else (base.itemsize, base.alignment, base.flags)
+        ok = (isinstance(state, tuple) and len(state) == 8 and _is_int(state[0], 3)
+              and state[2:5] == (None, None, None)
+              and all(_is_int(x, y) for x, y in zip(state[5:], tail, strict=True)))
         if not ok:
-            self.fail(f"unexpected numpy dtype state {state!r} for {base}")
+            self.fail(f"unexpected numpy dtype state {_show(state)} for {base}; expected "
+                      f"(3, byte order, None, None, None, {', '.join(map(str, tail))})")
         byteorder = state[1]
         if byteorder not in ("<", "|") or (byteorder == "|" and base.itemsize > 1):
-            self.fail(f"unsupported byte order {byteorder!r} for {base}; the checkpoint format "
-                      "is little-endian")
+            self.fail(f"unsupported byte order {_show(byteorder)} for {base}; the checkpoint "
+                      "format is little-endian")
         return base
 
     def _build_array(self, state) -> ArrayHeader:
-        ok = (isinstance(state, tuple) and len(state) == 5 and state[0] == 1
+        ok = (isinstance(state, tuple) and len(state) == 5 and _is_int(state[0], 1)
               and isinstance(state[1], tuple) and isinstance(state[3], bool)
               and isinstance(state[4], _Bytes))
         if not ok:
-            self.fail(f"unexpected ndarray state ({', '.join(map(_describe, state))})"
-                      if isinstance(state, tuple) else f"ndarray state is a {_describe(state)}")
+            self.fail(f"unexpected ndarray state {_show(state)}; expected (1, shape, dtype, "
+                      "fortran_order, bytes)")
         _, shape, dtype, fortran, data = state
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            self.fail(f"bad array shape {shape!r}")
         if not isinstance(dtype, _DtypeStub) or dtype.dtype is None:
-            self.fail(f"array dtype is a {_describe(dtype)}, not a numpy dtype")
-        expected = math.prod(shape) * dtype.dtype.itemsize
-        if data.length != expected:
-            self.fail(f"array {dtype.dtype}{list(shape)} needs {expected} bytes but the file "
-                      f"holds {data.length} (corrupt file?)")
-        return ArrayHeader(shape, dtype.dtype, fortran, data.offset, data.length)
+            self.fail(f"array dtype is {_a(dtype)}, not a numpy dtype")
+        if fortran:
+            self.fail("array in Fortran order; the release writes only C-order arrays (a "
+                      "flipped bit would transpose the weight)")
+        # Bounds first: a shape of thousands of huge integers must not be multiplied out.
+        if len(shape) > _MAX_NDIM:
+            self.fail(f"array of {len(shape)} dimensions; at most {_MAX_NDIM} are supported")
+        for axis, d in enumerate(shape):
+            self._check_int(d, f"dimension {axis} of the array's shape", 0, self.size)
+        count = 0 if 0 in shape else 1
+        for d in shape:
+            count *= d
+            if count > data.length:  # every factor is at most the file size: no big ints
+                break
+        shown = f"{dtype.dtype}{list(shape)}"
+        if count > data.length or count * dtype.dtype.itemsize != data.length:
+            need = (f"{count * dtype.dtype.itemsize}" if count <= data.length
+                    else f"more than {data.length}")
+            self.fail(f"array {shown} needs {need} bytes but the file holds {data.length} "
+                      "(corrupt file?)")
+        return ArrayHeader(tuple(shape), dtype.dtype, False, data.offset, data.length)
 
     def _build_quantized(self, state) -> QuantizedHeader:
         if not isinstance(state, dict) or set(state) != {"weight", "scales"}:
-            found = sorted(state) if isinstance(state, dict) else _describe(state)
+            found = (_show(tuple(sorted(state))) if isinstance(state, dict)
+                     else _describe(state))
             self.fail(f"QuantizedWeight8bit state must be a dict with keys 'weight' and "
                       f"'scales', found {found}")
         parts = {}
         for key, value in state.items():
             if not isinstance(value, _ArrayStub) or value.header is None:
-                self.fail(f"QuantizedWeight8bit.{key} is a {_describe(value)}, not an array")
+                self.fail(f"QuantizedWeight8bit.{key} is {_a(value)}, not an array")
             parts[key] = value.header
+        if parts["weight"] is parts["scales"]:
+            self.fail("QuantizedWeight8bit's weight and scales are the same array")
         return QuantizedHeader(**parts)
 
 
-def read_header(path: str | os.PathLike) -> ArrayHeader | QuantizedHeader:
-    """Parses one tensor file's pickle stream; reads no array data."""
+def _is_int(value, expected: int) -> bool:
+    return type(value) is int and value == expected
+
+
+def read_header(path: str | os.PathLike,
+                where: str | None = None) -> ArrayHeader | QuantizedHeader:
+    """Parses one tensor file's pickle stream; reads no array data. `where` names the
+    parameter in error messages. Every failure is a one-line `CheckpointError`."""
     path = os.fspath(path)
+    fd = open_regular(path, where)
     try:
-        with open(path, "rb") as f:
-            return _Parser(path, f, os.fstat(f.fileno()).st_size).run()
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such tensor file") from None
+        with open(fd, "rb", closefd=True) as f:
+            return _Parser(path, f, os.fstat(f.fileno()).st_size, where).run()
+    except CheckpointError:
+        raise
+    except RecursionError as e:
+        raise error(path, "pickle stream nested too deeply to parse", where) from e
+    except MemoryError as e:
+        raise error(path, "pickle stream needs more memory than a tensor header can", where) \
+            from e
     except OSError as e:
-        raise ValueError(f"{path}: cannot read tensor file: {e.strerror or e}") from None
+        raise error(path, f"cannot read tensor file: {e.strerror or e}", where) from None
+    except (ValueError, TypeError, OverflowError, KeyError, IndexError) as e:
+        raise error(path, f"malformed pickle stream ({type(e).__name__}: "
+                          f"{excerpt(str(e), 120)})", where) from e
 
 
-def _open_array(path: str, header: ArrayHeader) -> np.ndarray:
+def _open_array(path: str, f, header: ArrayHeader) -> np.ndarray:
     if header.nbytes == 0:  # mmap cannot map nothing
         empty = np.empty(header.shape, header.dtype)
         empty.flags.writeable = False
         return empty
-    return np.memmap(path, header.dtype, mode="r", offset=header.offset, shape=header.shape,
-                     order="F" if header.fortran_order else "C")
+    if header.fortran_order:
+        raise error(path, "array in Fortran order; the release writes only C-order arrays")
+    return np.memmap(f, header.dtype, mode="r", offset=header.offset, shape=header.shape)
 
 
-def open_tensor(path: str | os.PathLike,
-                header: ArrayHeader | QuantizedHeader) -> np.ndarray | QuantizedWeight8bit:
-    """Read-only memory maps of a parsed file's arrays; pages are read only when touched."""
+def open_tensor(path: str | os.PathLike, header: ArrayHeader | QuantizedHeader,
+                where: str | None = None) -> np.ndarray | QuantizedWeight8bit:
+    """Read-only memory maps of a parsed file's arrays; pages are read only when touched.
+
+    The maps see the file as it is when touched: reading one after the file has shrunk
+    kills the process (SIGBUS), as for any memory map. `checkpoint.load_checkpoint` never
+    reads through them, only through positional reads that fail cleanly.
+    """
     path = os.fspath(path)
-    if isinstance(header, QuantizedHeader):
-        return QuantizedWeight8bit(_open_array(path, header.weight),
-                                   _open_array(path, header.scales))
-    return _open_array(path, header)
+    parts = ([header.weight, header.scales] if isinstance(header, QuantizedHeader)
+             else [header])
+    fd = open_regular(path, where)
+    try:
+        with open(fd, "rb", closefd=True) as raw:
+            f = _NamedFile(raw, path)
+            size = os.fstat(fd).st_size
+            end = max(part.offset + part.nbytes for part in parts)
+            if size < end:
+                raise error(path, f"the file is now {size} bytes, but its header places data "
+                                  f"up to byte {end} (changed since it was read?)", where)
+            arrays = [_open_array(path, f, part) for part in parts]
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise error(path, f"cannot map the tensor's data ({type(e).__name__}: "
+                          f"{excerpt(str(e), 120)})", where) from e
+    return QuantizedWeight8bit(*arrays) if len(arrays) == 2 else arrays[0]
+
+
+class _NamedFile:
+    """A file object whose `name` is its path, so that `np.memmap` records the path (the
+    loader reopens it by name) while mapping the descriptor this module opened safely."""
+
+    def __init__(self, f, name: str):
+        self._f, self.name = f, name
+
+    def __getattr__(self, attr):
+        return getattr(self._f, attr)
 
 
 def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
@@ -441,7 +586,6 @@ class _Payload:
     data: np.ndarray
 
 
-_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _NDARRAY_ARGS = (_Ref("numpy", "ndarray"), (0,), b"b")
 
 

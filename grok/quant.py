@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok.errors import GrokError
+
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight8bit:
@@ -87,7 +89,7 @@ def check_groups(weight_shape, scales_shape, name: str = "weight") -> None:
           and scales_shape[:-2] == weight_shape[:-2] and scales_shape[-1] == weight_shape[-1]
           and scales_shape[-2] >= 1 and weight_shape[-2] % scales_shape[-2] == 0)
     if not ok:
-        raise ValueError(
+        raise GrokError(
             f"{name}: scales of shape {list(scales_shape)} do not group weight of shape "
             f"{list(weight_shape)}; expected [..., G, {weight_shape[-1] if weight_shape else 'N'}]"
             f" with G dividing K={weight_shape[-2] if len(weight_shape) >= 2 else '?'}")
@@ -101,10 +103,10 @@ def quantize(w, groups: int = 1) -> QuantizedWeight8bit:
     """
     w = np.asarray(w, dtype=np.float32)
     if w.ndim < 2:
-        raise ValueError(f"quantize: expected a weight of rank >= 2, got shape {list(w.shape)}")
+        raise GrokError(f"quantize: expected a weight of rank >= 2, got shape {list(w.shape)}")
     *lead, k, n = w.shape
     if groups < 1 or k % groups:
-        raise ValueError(f"quantize: groups={groups} must be >= 1 and divide K={k}")
+        raise GrokError(f"quantize: groups={groups} must be >= 1 and divide K={k}")
     grouped = w.reshape(*lead, groups, k // groups, n)
     amax = np.max(np.abs(grouped), axis=-2)  # [..., G, N]
     scales = (amax / 127.0).astype(jnp.bfloat16)
@@ -192,7 +194,7 @@ def store_params(params, mode: str, float_dtype, split_experts: bool = False):
     `split_experts`, stacked expert weights become `ExpertWeights`.
     """
     if mode not in WEIGHT_MODES:
-        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
+        raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
     to_float = jax.jit(lambda w: dequantize(w, jnp.bfloat16).astype(float_dtype))
     split = jax.jit(lambda w: ExpertWeights(
         jax.tree.map(lambda a, i=i: a[i], w) for i in range(w.shape[0])))

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from grok.config import GrokConfig
+from grok.errors import GrokError
 
 DATA, MODEL = "data", "model"
 
@@ -57,8 +58,13 @@ def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
                          f"got {mesh_shape!r}")
     data, model = mesh_shape
     if data * model > len(devices):
-        raise ValueError(f"mesh {data}x{model} needs {data * model} devices, but only "
-                         f"{len(devices)} are available")
+        available = "1 is" if len(devices) == 1 else f"{len(devices)} are"
+        hint = ""
+        if devices and all(d.platform == "cpu" for d in devices):
+            hint = (f"; on CPU, XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{data * model} (set before JAX starts) simulates {data * model}")
+        raise GrokError(f"mesh {data}x{model} needs {data * model} devices, but only "
+                        f"{available} available{hint}")
     if processes > 1 and data * model != len(devices):
         raise ValueError(f"mesh {data}x{model} uses {data * model} devices, but a run of "
                          f"{processes} processes must use all {len(devices)}")

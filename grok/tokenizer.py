@@ -7,15 +7,40 @@ UTF-8 bytes have arrived. `StreamDecoder` handles both so that streamed text equ
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from grok.config import GrokConfig
+from grok.errors import GrokError
 
 # What SentencePiece decodes an incomplete (or invalid) byte-fallback sequence to.
 _REPLACEMENT = "\ufffd"
+# Error messages stay one bounded line: at most this many characters of a text, and of
+# the characters a tokenizer cannot encode.
+_SHOWN_TEXT = 40
+_SHOWN_CHARS = 10
+
+
+def _short(text: str) -> str:
+    """`text` quoted, escaped (no line breaks) and cut to _SHOWN_TEXT characters."""
+    return repr(text[:_SHOWN_TEXT]) + ("..." if len(text) > _SHOWN_TEXT else "")
+
+
+def default_allowed(config: GrokConfig, tokenizer: Tokenizer | None = None) -> np.ndarray:
+    """bool[vocab_size]: the tokens sampling may draw when the user names none. All but
+    the config's pad and, with a tokenizer, its control pieces (BOS, unknown), so a model
+    unsure of itself cannot print empty text; EOS stays, since it ends a row."""
+    allowed = np.ones(config.vocab_size, bool)
+    allowed[config.pad_token] = False
+    if tokenizer is not None:
+        control = np.asarray(tokenizer.control_ids, np.int64)
+        allowed[control[control < config.vocab_size]] = False
+    allowed[config.eos_token] = True
+    return allowed
 
 
 class Tokenizer:
@@ -29,7 +54,7 @@ class Tokenizer:
             # SentencePiece reports a missing file and a malformed one alike, as RuntimeError.
             reason = ("does not exist" if not os.path.exists(self.path)
                       else f"could not be read ({e})")
-            raise ValueError(f"tokenizer file {self.path!r} {reason}: expected a SentencePiece "
+            raise GrokError(f"tokenizer file {self.path!r} {reason}: expected a SentencePiece "
                              f"model (a .model protobuf such as the release's tokenizer.model)"
                              ) from None
         self._pad_id = self._check_id("pad_id", pad_id)
@@ -43,9 +68,9 @@ class Tokenizer:
 
     def _check_id(self, name: str, value) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise GrokError(f"{name} must be an integer, got {value!r}")
         if not 0 <= value < self.vocab_size:
-            raise ValueError(f"{name}={value} must lie in [0, vocab_size={self.vocab_size})")
+            raise GrokError(f"{name}={value} must lie in [0, vocab_size={self.vocab_size})")
         return value
 
     @property
@@ -65,13 +90,34 @@ class Tokenizer:
         """The model's own BOS (-1 if it has none); the release never prepends it."""
         return self._sp.bos_id()
 
+    @functools.cached_property
+    def control_ids(self) -> list[int]:
+        """Ids that stand for no text (pad, BOS, the unknown piece, other control pieces),
+        except EOS: a model should end a row, never write one of these."""
+        sp = self._sp
+        return [i for i in range(self.vocab_size) if i != self._eos_id
+                and (i == self._pad_id or sp.is_control(i) or sp.is_unknown(i))]
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; raises GrokError, naming them, where some characters have
+        no piece (they would all become the unknown token, and the model see nothing)."""
         if not isinstance(text, str):
-            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+            raise GrokError(f"encode expects a str, got {type(text).__name__}")
         ids = self._sp.encode(text)
+        unk = self._sp.unk_id()
+        if unk in ids:
+            pieces = self._sp.encode(text, out_type=str)  # an unknown piece keeps its text
+            missing = dict.fromkeys(c for i, piece in zip(ids, pieces, strict=True) if i == unk
+                                    for c in piece.replace("\u2581", " "))
+            shown = ", ".join(repr(c) for c in list(missing)[:_SHOWN_CHARS])
+            more = f" and {len(missing) - _SHOWN_CHARS} more" \
+                if len(missing) > _SHOWN_CHARS else ""
+            raise GrokError(
+                f"text {_short(text)} has characters the tokenizer {self.path!r} cannot encode: "
+                f"{shown}{more} (expected only characters it has pieces for)")
         if add_bos:
             if self.bos_id < 0:
-                raise ValueError(f"tokenizer {self.path!r} has no BOS piece to add")
+                raise GrokError(f"tokenizer {self.path!r} has no BOS piece to add")
             ids = [self.bos_id, *ids]
         return ids
 
@@ -83,7 +129,7 @@ class Tokenizer:
         out = [int(i) for i in ids]
         for i in out:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} must lie in [0, vocab_size={self.vocab_size})")
+                raise GrokError(f"token id {i} must lie in [0, vocab_size={self.vocab_size})")
         return out
 
     def piece(self, token_id: int) -> str:

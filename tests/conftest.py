@@ -3,13 +3,21 @@
 XLA reads the device count once, at backend start, so it is set before jax is imported.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands under test keep compiled programs here rather than in the user's cache folder
+# (shared by the whole run, so later runs of a shape load instead of compiling).
+if "GROK_COMPILATION_CACHE" not in os.environ:
+    os.environ["GROK_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="grok-test-xla-")
+    atexit.register(shutil.rmtree, os.environ["GROK_COMPILATION_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -16,7 +16,9 @@ import sys
 import pytest
 from conftest import REPO, TOKENIZER
 
+import grok
 from grok.cli import main
+from grok.errors import GrokError
 
 CLEAR_GAP = 0.125
 NEW = 12
@@ -152,6 +154,69 @@ def test_bad_input_is_one_error_line(model_args, extra, message):
 def test_missing_checkpoint_says_where_files_go(model_args):
     _, _, err = call_main([*model_args, "--checkpoint", "/nonexistent"])
     assert "checkpoints" in err and "ckpt-0" in err
+    assert "pass --checkpoint" not in err  # the user just did
+
+
+def test_missing_tokenizer_suggests_the_flag_only_when_not_given(model_args, tmp_path,
+                                                                 monkeypatch):
+    _, _, err = call_main([*model_args, "--tokenizer", "/nonexistent.model"])
+    assert "pass --tokenizer" not in err and "tokenizer/README.md" in err
+    monkeypatch.chdir(tmp_path)  # no tokenizer/tokenizer.model here
+    argv = [a for a in model_args if a != "--tokenizer" and a != str(TOKENIZER)]
+    _, _, err = call_main(argv)
+    assert err == ("error: no tokenizer at 'tokenizer/tokenizer.model': put the released "
+                   "tokenizer.model there or pass --tokenizer; tokenizer/README.md says where "
+                   "to get it\n")
+
+
+def test_one_device_is_singular(monkeypatch):
+    import jax
+
+    from grok import sharding
+    with pytest.raises(GrokError, match=r"needs 2 devices, but only 1 is available; on CPU, "
+                                        r"XLA_FLAGS=--xla_force_host_platform_device_count=2 "):
+        sharding.make_mesh((1, 2), devices=jax.devices()[:1])
+
+
+# --- help, version, and the ways to start it -----------------------------------------------
+
+def test_help_shows_every_default_and_what_the_demo_changes(capsys):
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["(default: 100)", "(default: 0.01)", "(default: 1.0)", "(default: 0)",
+                    "default: 42", "(default: sparse)", "default: none",
+                    "(default: tokenizer/tokenizer.model)", "(default: grok-1)",
+                    "checkpoints/ in the current directory", "(default: 1xALL"]:
+        assert default in text, default
+    assert ("greedy sampling (--temperature 0), --max-new-tokens 8 and --mesh 1x1" in text)
+    assert "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N" in text
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.endswith(f" {grok.__version__}\n")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", grok.__version__)
+
+
+@pytest.mark.parametrize("module", ["grok", "grok.cli"])
+def test_python_dash_m(module, tmp_path):
+    done = subprocess.run([sys.executable, "-m", module, "--version"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"python -m {module} {grok.__version__}\n"
+    assert done.stderr == ""
+
+
+def test_run_py_without_the_dependencies_says_what_to_do(tmp_path):
+    """-S: no site-packages, as with a system python outside the virtual environment."""
+    done = subprocess.run([sys.executable, "-S", str(REPO / "run.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "is not installed for" in lines[0], done.stderr
+    assert "virtual environment" in lines[0] and "pip install -e ." in lines[0]
 
 
 @pytest.mark.parametrize("extra, message", [

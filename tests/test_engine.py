@@ -237,3 +237,18 @@ def test_row_eos_and_ignore_eos():
         assert not row.finished
     row.accept(14, 0.0, [])
     assert row.finish_reason == "length" and row.output_ids == [2, 2, 14]
+
+
+@pytest.mark.slow
+def test_warmup_compiles_every_step_a_request_can_need(grok):
+    """After `warmup`, requests of every prompt bucket and row count compile nothing."""
+    engine = grok.engine(2, 32)
+    engine.warmup()
+    count = engine.compile_count
+    assert count == 1 + 2 * 2 * 3  # init; (prefill, insert, decode) x 2 rows x 2 lengths
+    sched = Scheduler(engine)
+    for prompt, new in ((P0, 4), (PB + PA, 8), (PA, 20), ((PB + PA + P0)[:30], 2)):
+        sched.submit(engine.make_request(prompt, settings(max_new_tokens=new)))
+    while sched.has_work:
+        sched.step()
+    assert engine.compile_count == count

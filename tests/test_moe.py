@@ -76,13 +76,27 @@ def test_grouped_tiles_of_any_size(weights, tile):
 
 def test_dispatch_picks_by_token_count(weights, monkeypatch):
     calls = []
-    monkeypatch.setattr(moe, "per_copy", lambda *a: calls.append("per_copy") or a[0])
+    monkeypatch.setattr(moe, "per_expert", lambda *a: calls.append("per_expert") or a[0])
     monkeypatch.setattr(moe, "grouped", lambda *a, tile: calls.append(("grouped", tile)) or a[0])
     x = jnp.zeros((4, D), jnp.bfloat16)
     gates, chosen = routing(4, "random")
     moe.sparse(x, gates, chosen, *weights)  # 8 copies for 8 experts: one each
     moe.sparse(jnp.zeros((300, D), jnp.bfloat16), *routing(300, "random"), *weights)
-    assert calls == ["per_copy", ("grouped", 128)]
+    assert calls == ["per_expert", ("grouped", 128)]
+
+
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
+def test_program_size_does_not_grow_with_the_batch(weights, layout):
+    """Compile time follows the program's size: the few-token path must hold E expert
+    bodies for 1 token as for 4 (a per-copy switch held 2 x E of them for 1, 8 x E for 4)."""
+    w = weights if layout == "stacked" else tuple(split(a) for a in weights)
+
+    def size(n):
+        x = jnp.zeros((n, D), jnp.bfloat16)
+        text = jax.jit(moe.sparse).lower(x, *routing(n, "random"), *w).as_text()
+        return text.count("dot_general")
+
+    assert size(1) == size(4) == 3 * E
 
 
 def test_unknown_strategy_is_an_error(weights):

@@ -90,6 +90,7 @@ def workers(fixture_dir, tmp_path_factory):
     return [dict(np.load(tmp_path / f"process_{i}.npz")) for i in range(PROCESSES)]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_logits_and_tokens_of_one(workers, fixture_dir, reference):
     grok = Grok.load(fixture_dir, fixture_dir / "config.json", mesh_shape=(2, 4))
     logits = grok.logits(reference["tokens"])
@@ -105,6 +106,7 @@ def test_two_processes_give_the_logits_and_tokens_of_one(workers, fixture_dir, r
     assert greedy.output_ids == reference["greedy_ids"]
 
 
+@pytest.mark.slow
 def test_each_process_reads_only_its_slices(workers):
     for result in workers:
         # Exactly the distinct slices its devices hold: half of the checkpoint here, since
@@ -114,6 +116,7 @@ def test_each_process_reads_only_its_slices(workers):
         assert result["split"] > 0
 
 
+@pytest.mark.slow
 def test_run_py_across_two_processes(fixture_dir, reference, tmp_path):
     """Process 0 joins by flags, process 1 as Slurm would start it (`--distributed`, the
     rest from the environment); only process 0 prints."""
@@ -144,6 +147,7 @@ def test_run_py_across_two_processes(fixture_dir, reference, tmp_path):
     assert result["output_ids"] == reference["greedy_ids"]
 
 
+@pytest.mark.slow
 def test_a_dying_process_fails_the_run_quickly(fixture_dir, tmp_path):
     """The harness itself: process 1 dies (no such checkpoint) while process 0 waits for
     it; the test learns why at once instead of hanging."""

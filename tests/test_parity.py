@@ -16,7 +16,12 @@ def reference(fixture_dir):
     return np.asarray(ref["tokens"]), np.load(fixture_dir / "reference_logits.npy")
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 8), (2, 4), (8, 1), (1, 2)])
+# Two meshes in the quick run; the rest with the slow tests.
+MESHES = [(1, 1), (1, 8), *(pytest.param(m, marks=pytest.mark.slow)
+                            for m in [(2, 4), (8, 1), (1, 2)])]
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
 def test_fixture_logits_on_mesh(fixture_dir, reference, mesh_shape):
     tokens, want = reference
     grok = Grok.load(fixture_dir, fixture_dir / "config.json", mesh_shape=mesh_shape)

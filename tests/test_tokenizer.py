@@ -1,5 +1,6 @@
 """Tokenizer: the released model's ids, round trips, and streaming that equals `decode`."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 import sentencepiece as spm
 from conftest import TOKENIZER
 
-from grok.config import GROK_1
-from grok.tokenizer import Tokenizer
+from grok.config import GROK_1, GrokConfig
+from grok.demo import DEMO_CONFIG, DEMO_TOKENIZER
+from grok.errors import GrokError
+from grok.tokenizer import Tokenizer, default_allowed
 
 ANSWER = "The answer to life the universe and everything is of course"
 ANSWER_IDS = [422, 3033, 356, 1180, 333, 9072, 360, 2175, 391, 359, 1805]
@@ -151,3 +154,48 @@ def test_bad_ids_and_inputs(tiny, tmp_path):
         Tokenizer(tiny.path, eos_id=300)
     with pytest.raises(ValueError, match=r"pad_id must be an integer, got 0.5"):
         Tokenizer(tiny.path, pad_id=0.5)
+
+
+# --- what a tokenizer cannot encode, and the tokens sampling leaves out -----------------
+
+@pytest.fixture(scope="module")
+def digits() -> Tokenizer:
+    """The demo's tokenizer: digits, + and = only, no byte fallback."""
+    return Tokenizer.from_config(DEMO_TOKENIZER, GrokConfig.from_json(DEMO_CONFIG))
+
+
+def test_unencodable_characters_are_named(digits):
+    with pytest.raises(GrokError) as e:
+        digits.encode("1 2+x\n=")
+    assert str(e.value) == (f"text '1 2+x\\n=' has characters the tokenizer "
+                            f"{digits.path!r} cannot encode: ' ', 'x', '\\n' (expected only "
+                            f"characters it has pieces for)")
+    assert digits.encode("12+34=") == [5, 6, 14, 7, 8, 15]
+
+
+def test_unencodable_message_is_bounded(digits):
+    text = "".join(chr(0x4E00 + i) for i in range(500)) + "\x00"
+    with pytest.raises(GrokError) as e:
+        digits.encode(text)
+    message = str(e.value)
+    assert len(message) < 300 and message.isprintable(), message
+    assert message.startswith(f"text {text[:40]!r}... has characters")
+    assert "and 491 more" in message
+
+
+def test_control_ids_and_the_default_mask(digits):
+    assert digits.control_ids == [0, 1, 3]  # <pad>, <s>, <unk>; </s> (EOS) stays
+    config = GrokConfig.from_json(DEMO_CONFIG)
+    allowed = default_allowed(config, digits)
+    assert allowed.shape == (16,) and np.flatnonzero(~allowed).tolist() == [0, 1, 3]
+    # Without a tokenizer the config's pad alone is left out.
+    assert np.flatnonzero(~default_allowed(config)).tolist() == [0]
+
+
+def test_release_control_ids(real):
+    # The release's tokenizer: [PAD], [BOS] and [UNK]; [EOS] ends rows.
+    assert real.control_ids == [0, 1, 3]
+    # A model vocabulary smaller than the tokenizer's (the tiny fixture pairs 4096 rows
+    # with the full tokenizer) takes the ids that exist.
+    small = dataclasses.replace(GROK_1, vocab_size=4096)
+    assert np.flatnonzero(~default_allowed(small, real)).tolist() == [0, 1, 3]

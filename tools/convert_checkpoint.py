@@ -14,7 +14,6 @@ into the new files: memory stays at a write buffer, whatever the checkpoint's si
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 
 from grok import checkpoint
+from grok.cli import ArgumentParser
 from grok.config import resolve_config
 
 _LAYER = re.compile(r"transformer/decoder_layer_(\d+)/")
@@ -57,15 +57,15 @@ def convert(source: Path, destination: Path, config, layers: int | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="folder holding ckpt-0, or ckpt-0 itself")
     parser.add_argument("destination", type=Path, help="new folder for the copy")
     parser.add_argument("--config", default="grok-1",
                         help="the source's config: preset or JSON path (default: %(default)s)")
     parser.add_argument("--layers", type=int, help="keep layers 0..N-1 (default: all)")
-    args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        args = parser.parse_args(argv)
         summary = convert(args.source, args.destination, args.config, args.layers)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

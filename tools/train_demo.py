@@ -1,7 +1,7 @@
 """Trains the demo model that `run.py` runs when the real weights are absent.
 
-    python tools/train_demo.py [--seed 0] [--steps N] [--out-checkpoint checkpoints/demo]
-                               [--out-tokenizer tokenizer/demo.model] [--toy]
+    python tools/train_demo.py [--seed 0] [--steps N] [--out-checkpoint grok/demo_files]
+                               [--out-tokenizer grok/demo_files/demo.model] [--toy]
 
 A small model with every part of Grok-1 (grouped-query attention with RoPE and the soft
 cap, 8 experts top-2, the release's multipliers) learns multi-digit addition: "123+456="
@@ -17,7 +17,6 @@ Progress (step, loss, held-out accuracy) goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import math
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from grok import demo, model  # noqa: E402
 from grok.api import Grok  # noqa: E402
 from grok.checkpoint import write_checkpoint  # noqa: E402
+from grok.cli import ArgumentParser, UsageError  # noqa: E402
 from grok.config import GROK_1, GrokConfig  # noqa: E402
 
 SYMBOLS = [*"0123456789", "+", "="]  # ids 4.. in this order, after pad, bos, eos, unk
@@ -193,7 +193,7 @@ def check(out_checkpoint: Path, config_path: Path, tokenizer_path: Path) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     p.add_argument("--out-checkpoint", type=Path, default=demo.DEMO_CHECKPOINT,
@@ -201,11 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-tokenizer", type=Path, default=demo.DEMO_TOKENIZER,
                    help="SentencePiece model to write (default: %(default)s)")
     p.add_argument("--toy", action="store_true", help="a tiny model for a few steps (tests)")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+        if args.steps is not None and args.steps < 1:
+            p.error(f"--steps must be at least 1, got {args.steps}")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     recipe = TOY if args.toy else DEMO
     if args.steps is not None:
-        if args.steps < 1:
-            p.error(f"--steps must be at least 1, got {args.steps}")
         recipe = dataclasses.replace(recipe, steps=args.steps,
                                      warmup_steps=min(recipe.warmup_steps, args.steps // 2))
 

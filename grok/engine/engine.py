@@ -26,10 +26,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grok import sharding
+from grok import compilation, sharding
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, LayerCache, init_cache
+from grok.routing import Tally, tally
 from grok.sampling import Sample, SamplingParams, sample
 from grok.sharding import DATA, KV_SPEC
 
@@ -171,7 +172,7 @@ class Engine:
         batch = self.rows_for(n)
         length = self.prompt_bucket(max(len(r.prompt_ids) for r in requests))
         tokens = np.full((batch, length), cfg.pad_token, np.int32)
-        lengths = np.ones(batch, np.int32)  # padding rows: one pad token
+        lengths = np.zeros(batch, np.int32)  # padding rows: nothing real
         seeds = np.zeros(batch, np.uint32)
         temperature = np.zeros(batch, np.float32)
         top_p = np.ones(batch, np.float32)
@@ -183,7 +184,7 @@ class Engine:
             lengths[i] = len(r.prompt_ids)
             seeds[i] = _seed_bits(s.seed)
             temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
-            allowed[i] = allowed_mask(cfg, s)
+            allowed[i] = allowed_mask(cfg, s, self.grok.tokenizer)
         specs = prefix_specs(cfg.num_layers)
         args = (self.grok.params, self._put(tokens, ROWS_BY_SLOT), self._put(lengths, ROWS),
                 self._put(seeds, ROWS),
@@ -191,8 +192,10 @@ class Engine:
                 self._put(allowed, specs.allowed))
         step = self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
                                    f"prefill (batch {batch}, prompt bucket {length})")
-        prefix = step(*args)
-        return prefix, jax.device_get(prefix.first)
+        prefix, tally = step(*args)
+        first, tally = jax.device_get((prefix.first, tally))
+        self._count("prefill", tally)
+        return prefix, first
 
     def insert(self, prefix: Prefix, state: DecodeState, slots: Sequence[int]) -> DecodeState:
         """Writes prefix row i into slot `slots[i]` (rows past len(slots) are padding);
@@ -221,8 +224,14 @@ class Engine:
         step = self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
                                    args, f"decode step (rows {rows}, attending {attend})",
                                    donate=(1,))
-        state, drawn = step(*args)
-        return state, jax.device_get(drawn)
+        state, drawn, tally = step(*args)
+        drawn, tally = jax.device_get((drawn, tally))
+        self._count("decode", tally)
+        return state, drawn
+
+    def _count(self, phase: str, tally: Tally | None) -> None:
+        if tally is not None:
+            self.grok.usage.add(phase, tally)
 
     def put_active(self, active: np.ndarray) -> jax.Array:
         """bool[slots]: which slots hold a running request (uploaded when it changes)."""
@@ -232,12 +241,11 @@ class Engine:
         """Compiles every step any request can need, so none compiles while serving."""
         cfg = self.config
         specs = prefix_specs(cfg.num_layers)
+        self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
         state = jax.eval_shape(self._init_fn())
         params = self.grok.params
         for batch in self.row_buckets():
             for length in self.length_buckets():
-                if length >= self.max_seq_len and length > MIN_BUCKET:
-                    continue  # a prompt must leave room for one new token
                 sds = self._abstract
                 args = (params, sds((batch, length), jnp.int32, ROWS_BY_SLOT),
                         sds((batch,), jnp.int32, ROWS), sds((batch,), jnp.uint32, ROWS),
@@ -247,7 +255,7 @@ class Engine:
                         sds((batch, cfg.vocab_size), jnp.bool_, specs.allowed))
                 self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
                                     f"prefill (batch {batch}, prompt bucket {length})")
-                prefix = jax.eval_shape(self._prefill_fn(), *args)
+                prefix, _ = jax.eval_shape(self._prefill_fn(), *args)
                 insert_args = (self._with_shardings(state, self._state_shardings),
                                self._with_shardings(prefix, self._prefix_shardings),
                                sds((batch,), jnp.int32, REPLICATED))
@@ -285,12 +293,21 @@ class Engine:
 
         def prefill(params, tokens, lengths, seeds, sampling, allowed):
             cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
-            logits, cache = grok.model.apply(params, tokens, cache, num_new=lengths)
-            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            logits, cache, routing = grok.model.apply(params, tokens, cache, num_new=lengths,
+                                                      with_routing=True)
+            last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
+            last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
             first = sample(last.astype(jnp.float32), _keys(seeds, jnp.zeros_like(lengths)),
                            sampling, allowed)
-            return Prefix(cache, first, seeds, sampling, allowed)
+            real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [Bp, T]
+            return Prefix(cache, first, seeds, sampling, allowed), self._tally(routing, real)
         return prefill
+
+    def _tally(self, routing, real) -> Tally | None:
+        """The step's routing tally, or None (nothing computed) with statistics off."""
+        if not self.grok.expert_stats:
+            return None
+        return tally(routing, real, self.config.num_experts)
 
     def _insert_fn(self):
         def insert(state: DecodeState, prefix: Prefix, slots):
@@ -326,15 +343,16 @@ class Engine:
             nothing to the cache (num_new 0) and their draws are ignored."""
             on = active[:rows]
             steps = state.steps[:rows] + on
-            logits, cache = grok.model.apply(params, state.tokens[:rows, None], state.cache,
-                                             num_new=on.astype(jnp.int32), attend_len=attend)
+            logits, cache, routing = grok.model.apply(
+                params, state.tokens[:rows, None], state.cache, num_new=on.astype(jnp.int32),
+                attend_len=attend, with_routing=True)
             sampling = SamplingParams(*(x[:rows] for x in state.sampling))
             drawn = sample(logits[:, 0].astype(jnp.float32),
                            _keys(state.seeds[:rows], steps), sampling, state.allowed[:rows])
             state = state._replace(cache=cache,
                                    tokens=state.tokens.at[:rows].set(drawn.tokens),
                                    steps=state.steps.at[:rows].set(steps))
-            return state, drawn
+            return state, drawn, self._tally(routing, on[:, None])
         return decode
 
     # --- compiling and placing --------------------------------------------------------------
@@ -355,14 +373,17 @@ class Engine:
         return sharding.put(host, NamedSharding(self.mesh, spec))
 
     def _out_shardings(self, kind: str):
-        sample_out = self._shardings(Sample(*(REPLICATED,) * 4))
-        return {"init": self._state_shardings, "prefill": self._prefix_shardings,
+        replicated = NamedSharding(self.mesh, REPLICATED)
+        tally_out = Tally(*(replicated,) * 4) if self.grok.expert_stats else None
+        sample_out = Sample(*(replicated,) * 4)
+        return {"init": self._state_shardings,
+                "prefill": (self._prefix_shardings, tally_out),
                 "insert": self._state_shardings,
-                "decode": (self._state_shardings, sample_out)}[kind]
+                "decode": (self._state_shardings, sample_out, tally_out)}[kind]
 
     def _compiled_step(self, key: tuple, fn, args, what: str, donate: tuple[int, ...] = ()):
         if key not in self._compiled:
-            start = time.perf_counter()
+            start, hits = time.perf_counter(), compilation.cache_hits()
             in_shardings = jax.tree.map(lambda a: a.sharding, args)
             jitted = jax.jit(fn, in_shardings=in_shardings,
                              out_shardings=self._out_shardings(key[0]),
@@ -371,5 +392,7 @@ class Engine:
             took = time.perf_counter() - start
             self.compile_seconds += took
             if self.log is not None:
-                self.log(f"compiled {what} in {took:.1f} s")
+                cached = compilation.cache_hits() > hits
+                self.log(f"{'loaded' if cached else 'compiled'} {what} in {took:.1f} s"
+                         f"{' (from the compilation cache)' if cached else ''}")
         return self._compiled[key]

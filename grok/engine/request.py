@@ -14,7 +14,7 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.errors import GrokError
 from grok.sampling import check_settings
-from grok.tokenizer import Tokenizer
+from grok.tokenizer import Tokenizer, default_allowed
 
 FINISH_REASONS = ("eos", "stop", "length")
 
@@ -30,7 +30,7 @@ class GenerationSettings:
     seed: int = 42
     stop: tuple[str, ...] = ()  # the text is cut before the first stop string
     ignore_eos: bool = False  # EOS is an ordinary token: run to max_new_tokens
-    allowed_tokens: tuple[int, ...] | None = None  # None: every token may be sampled
+    allowed_tokens: tuple[int, ...] | None = None  # None: all but pad and control pieces
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -107,10 +107,12 @@ def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | 
     return Request(tuple(ids), settings, prompt if isinstance(prompt, str) else None)
 
 
-def allowed_mask(config: GrokConfig, settings: GenerationSettings) -> np.ndarray:
-    """bool[V]: the tokens this request may draw."""
+def allowed_mask(config: GrokConfig, settings: GenerationSettings,
+                 tokenizer: Tokenizer | None) -> np.ndarray:
+    """bool[V]: the tokens this request may draw (by default all but pad and control
+    pieces, see `default_allowed`)."""
     if settings.allowed_tokens is None:
-        return np.ones(config.vocab_size, bool)
+        return default_allowed(config, tokenizer)
     mask = np.zeros(config.vocab_size, bool)
     mask[list(settings.allowed_tokens)] = True
     return mask

@@ -106,6 +106,10 @@ class Scheduler:
 
     # --- inside ----------------------------------------------------------------------------
 
+    def _clock(self) -> float:
+        """Seconds of work, not counting compiles (which `Engine.compile_seconds` counts)."""
+        return time.perf_counter() - self.engine.compile_seconds
+
     def _free(self, slot: int) -> None:
         self._rows[slot] = self._ids[slot] = None
         self._active[slot] = False
@@ -132,13 +136,13 @@ class Scheduler:
         tokenizer = self.engine.grok.tokenizer
         eos = self.engine.config.eos_token
         for group in groups.values():
-            start = time.perf_counter()
+            start = self._clock()
             slots = free[: len(group)]
             free = free[len(group):]
             prefix, first = self.engine.prefill([request for _, request in group])
             self._state = self.engine.insert(prefix, self._state, slots)
             self.stats = dataclasses.replace(
-                self.stats, prefill_s=self.stats.prefill_s + time.perf_counter() - start,
+                self.stats, prefill_s=self.stats.prefill_s + self._clock() - start,
                 prefill_tokens=self.stats.prefill_tokens
                 + sum(len(r.prompt_ids) for _, r in group))
             for i, ((rid, request), slot) in enumerate(zip(group, slots, strict=True)):
@@ -150,7 +154,7 @@ class Scheduler:
                                            first.top_ids[i], first.top_logprobs[i]))
 
     def _decode(self, events: list[Event]) -> None:
-        start = time.perf_counter()
+        start = self._clock()
         if self._active_on_device is None:
             self._active_on_device = self.engine.put_active(self._active)
         in_use = np.flatnonzero(self._active)
@@ -164,5 +168,5 @@ class Scheduler:
                                        drawn.top_ids[slot], drawn.top_logprobs[slot]))
         s = self.stats
         self.stats = dataclasses.replace(
-            s, decode_s=s.decode_s + time.perf_counter() - start,
+            s, decode_s=s.decode_s + self._clock() - start,
             decode_tokens=s.decode_tokens + len(in_use), decode_steps=s.decode_steps + 1)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from grok import cli, demo, distributed, sharding
+from grok import cli, compilation, demo, distributed, sharding
 from grok.config import resolve_config
 from grok.errors import GrokError
 from grok.tokenizer import Tokenizer
@@ -28,7 +28,8 @@ log = logging.getLogger("grok.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli._Parser(description="Serve a Grok-1 checkpoint over an OpenAI-compatible API.")
+    p = cli.ArgumentParser(prog="python -m grok.serve",
+                           description="Serve a Grok-1 checkpoint over an OpenAI-compatible API.")
     cli.add_model_arguments(p)
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     s.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"])
+    compilation.add_argument(p)
     distributed.add_arguments(p)
     return p
 
@@ -89,7 +91,8 @@ def _builder(args, config, tokenizer):
 
         start = time.perf_counter()
         grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
-                         mesh_shape=args.mesh, weights=args.weights, moe=args.moe)
+                         mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
+                         verify=args.verify)
         log.info("loaded in %.1f s on a %dx%d mesh", time.perf_counter() - start,
                  grok.mesh.shape["data"], grok.mesh.shape["model"])
         engine = grok.engine(args.max_batch, args.max_seq_len or config.sequence_len,
@@ -108,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         distributed.initialize(args)  # before anything touches a JAX backend
+        compilation.enable(args.compilation_cache)
         config, tokenizer, template = _check(args)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli._one_line(e)}", file=sys.stderr)
         distributed.exit_on_failure(2)
         return 2
+    except SystemExit as e:  # --help prints, then ends here
+        return e.code if isinstance(e.code, int) else 0
     if args.demo:
         print(demo.BANNER, file=sys.stderr)
 
