@@ -63,7 +63,7 @@ class Service:
 
     @property
     def state(self) -> str:
-        """"loading", "ready", "draining" or "stopped"/"failed"."""
+        """One of "loading", "ready", "draining", "stopped" or "failed"."""
         if self.worker.state == "ready" and not self.worker.alive:
             return "failed"
         if self.worker.state != "ready":
