@@ -67,6 +67,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a prompt (repeat for a batch; default: {DEFAULT_PROMPT!r}, or five "
                         f"addition problems for the demo)")
     p.add_argument("--prompt-file", type=Path, help="one prompt per non-blank line")
+    add_model_arguments(p)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate at most per prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.01,
+                   help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus filter, as the release (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="default: %(default)s")
+    p.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt instead of streaming text")
+    p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
+                   help="write the run's expert-routing tallies (per layer and expert, "
+                        "prefill and decode) as JSON")
+    p.add_argument("--expert-plot", type=Path, metavar="FILE.png",
+                   help="draw the run's expert usage: layers x experts heat maps and "
+                        "per-layer imbalance (needs the 'plot' extra: matplotlib)")
+    compilation.add_argument(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    distributed.add_arguments(p)
+    return p
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Which model to load and how: shared by the command line and the server."""
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"folder holding ckpt-0, or ckpt-0 itself (default: "
                         f"{DEFAULT_CHECKPOINT}/ in the current directory; while it holds no "
@@ -83,30 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
                    help="sparse: only the chosen experts run; dense: all, as the release "
                         "(default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=100,
-                   help="tokens to generate at most per prompt (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.01,
-                   help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="nucleus filter, as the release (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=42, help="default: %(default)s")
-    p.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's size and SHA-256 against the manifest "
                         "beside ckpt-0 before loading (tools/checkpoint_manifest.py writes it)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt instead of streaming text")
-    p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
-                   help="write the run's expert-routing tallies (per layer and expert, "
-                        "prefill and decode) as JSON")
-    p.add_argument("--expert-plot", type=Path, metavar="FILE.png",
-                   help="draw the run's expert usage: layers x experts heat maps and "
-                        "per-layer imbalance (needs the 'plot' extra: matplotlib)")
-    compilation.add_argument(p)
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    distributed.add_arguments(p)
-    return p
 
 
 def _prompts(args) -> list[str]:

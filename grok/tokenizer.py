@@ -132,6 +132,12 @@ class Tokenizer:
                 raise GrokError(f"token id {i} must lie in [0, vocab_size={self.vocab_size})")
         return out
 
+    def piece(self, token_id: int) -> str:
+        """The token's own text, as logprob listings show it: its piece with SentencePiece's
+        word marker as a space (byte pieces stay `<0xE2>`)."""
+        [token_id] = self._checked_ids([token_id])
+        return self._sp.id_to_piece(token_id).replace("\u2581", " ")
+
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 

@@ -1,0 +1,224 @@
+"""`python -m grok.serve` (or `grok-serve`): an OpenAI-compatible HTTP server.
+
+Takes run.py's model flags; with no checkpoint it serves the demo model. The HTTP port
+answers at once (/health says 503 "loading") while the device thread loads the weights and
+compiles every step it can meet; then /health turns 200. SIGTERM or Ctrl-C stops admitting
+(503), lets running requests finish for up to --grace seconds, and exits 0; a second
+signal exits at once. In a multi-process run, process 0 serves and the others follow its
+plans (see plan.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from grok import cli, compilation, demo, distributed, sharding
+from grok.config import resolve_config
+from grok.errors import GrokError
+from grok.tokenizer import Tokenizer
+
+log = logging.getLogger("grok.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m grok.serve",
+                           description="Serve a Grok-1 checkpoint over an OpenAI-compatible API.")
+    cli.add_model_arguments(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    s.add_argument("--max-batch", type=int, default=8,
+                   help="sequences decoded together: the KV-cache slots (default: %(default)s)")
+    s.add_argument("--max-seq-len", type=int,
+                   help="positions per slot, prompt plus new tokens (default: the model's "
+                        "context)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="sequences that may wait for a slot; more get 429 (default: "
+                        "%(default)s)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    s.add_argument("--chat-template", type=Path,
+                   help="Jinja chat template (as Hugging Face's) for /v1/chat/completions")
+    s.add_argument("--model-name",
+                   help="the model id clients name (default: grok-1, or grok-1-demo)")
+    s.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every step before reporting ready (default: on)")
+    s.add_argument("--grace", type=float, default=30.0,
+                   help="seconds running requests may take to finish at shutdown "
+                        "(default: %(default)s)")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"])
+    compilation.add_argument(p)
+    distributed.add_arguments(p)
+    return p
+
+
+def _check(args) -> tuple:
+    """Everything a user can get wrong, before the model loads."""
+    for name, low in (("max_batch", 1), ("max_queue", 0), ("port", 0)):
+        if getattr(args, name) < low:
+            raise GrokError(f"--{name.replace('_', '-')} must be at least {low}, got "
+                            f"{getattr(args, name)}")
+    if args.port > 65535:
+        raise GrokError(f"--port must be at most 65535, got {args.port}")
+    config = resolve_config(args.config)
+    cli._check_paths(args)
+    if args.max_seq_len is not None and not 2 <= args.max_seq_len <= config.sequence_len:
+        raise GrokError(f"--max-seq-len must be in [2, {config.sequence_len}] (the model's "
+                        f"context), got {args.max_seq_len}")
+    tokenizer = Tokenizer.from_config(args.tokenizer, config)
+    sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    template = None
+    if args.chat_template is not None:
+        from grok.serve.chat import ChatTemplate
+
+        eos = tokenizer.piece(config.eos_token)
+        template = ChatTemplate.from_file(args.chat_template, eos_token=eos)
+    return config, tokenizer, template
+
+
+def _builder(args, config, tokenizer):
+    """The device thread's first job: load, make the engine, compile."""
+    def build():
+        from grok.api import Grok
+
+        start = time.perf_counter()
+        grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
+                         mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
+                         verify=args.verify)
+        log.info("loaded in %.1f s on a %dx%d mesh", time.perf_counter() - start,
+                 grok.mesh.shape["data"], grok.mesh.shape["model"])
+        engine = grok.engine(args.max_batch, args.max_seq_len or config.sequence_len,
+                             log=log.info)
+        if args.warmup:
+            start = time.perf_counter()
+            engine.warmup()
+            log.info("warmed up in %.1f s", time.perf_counter() - start)
+        return engine
+    return build
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = demo.parse_args(build_parser(), argv)
+        logging.basicConfig(level=args.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        distributed.initialize(args)  # before anything touches a JAX backend
+        compilation.enable(args.compilation_cache)
+        config, tokenizer, template = _check(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {cli._one_line(e)}", file=sys.stderr)
+        distributed.exit_on_failure(2)
+        return 2
+    except SystemExit as e:  # --help prints, then ends here
+        return e.code if isinstance(e.code, int) else 0
+    if args.demo:
+        print(demo.BANNER, file=sys.stderr)
+
+    from grok.serve.metrics import Metrics
+    from grok.serve.plan import BroadcastChannel
+    from grok.serve.worker import Admission, Worker
+
+    multi = distributed.requested(args)
+    channel = BroadcastChannel(distributed.is_main_process()) if multi else None
+    admission = Admission(args.max_batch + args.max_queue)
+    metrics = Metrics(args.max_batch)
+    worker = Worker(_builder(args, config, tokenizer), admission=admission, metrics=metrics,
+                    channel=channel)
+    if not distributed.is_main_process():
+        try:
+            worker.follow()
+        except BaseException:
+            log.exception("following process 0 failed")
+            distributed.exit_on_failure(1)
+            raise
+        return 0
+
+    import uvicorn
+
+    from grok.serve.app import ServerConfig, Service, create_app
+
+    name = args.model_name or ("grok-1-demo" if args.demo else "grok-1")
+    server_config = ServerConfig(
+        model_name=name, tokenizer=tokenizer, eos_id=config.eos_token,
+        max_seq_len=args.max_seq_len or config.sequence_len, api_key=args.api_key,
+        chat_template=template)
+    service = Service(server_config, worker, metrics)
+    uv_config = uvicorn.Config(create_app(service), host=args.host, port=args.port,
+                               log_level=args.log_level, lifespan="off",
+                               timeout_graceful_shutdown=5)
+    server = DrainingServer(uv_config, service, args.grace)
+    worker.start()
+    server.run()
+    worker.stop(timeout=0 if worker.state == "loading" else 60)
+    if worker.state == "failed":
+        distributed.exit_on_failure(1)
+        return 1
+    if worker.state == "loading":
+        # Stopped before the model was ready: a compile cannot be interrupted, and the
+        # interpreter must not tear down under it.
+        log.info("stopped while loading")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(0)
+    log.info("stopped")
+    return 0
+
+
+class DrainingServer:
+    """uvicorn with a graceful stop: the first SIGTERM/SIGINT turns the service to
+    draining (new requests get 503), waits for the requests in flight (at most `grace`
+    seconds), ends what is left with a 503, then lets uvicorn close; a second signal
+    closes at once. Exits 0 either way: being asked to stop is not a failure."""
+
+    def __init__(self, config, service, grace: float):
+        import uvicorn
+
+        outer = self
+
+        class _Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame) -> None:
+                outer._on_signal(sig)
+
+        self.server = _Server(config)
+        self.service, self.grace = service, grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    def _on_signal(self, sig: int) -> None:
+        if self.service.draining or self._loop is None:
+            self.server.should_exit = True
+            self.server.force_exit = self.service.draining
+            return
+        log.info("%s: draining (new requests get 503; up to %.0f s for the rest)",
+                 signal.Signals(sig).name, self.grace)
+        self.service.draining = True
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.grace
+        while self.service.admission.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.service.admission.in_flight:
+            log.warning("grace period over: ending %d request(s)",
+                        self.service.admission.in_flight)
+        self.service.worker.stop(timeout=0)  # what is left ends with a 503
+        await asyncio.sleep(0.1)  # lets the handlers send it
+        self.server.should_exit = True
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the server, in a registry of its own (so that several servers in
+one process, as in tests, never collide in the global one)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds: from a fast CPU decode step to a long generation on a loaded server.
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0, 60.0, 120.0)
+_E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Metrics:
+    """Everything /metrics shows. Updated by the device thread (gauges, latencies, tokens)
+    and the handlers (rejections); prometheus_client's types are thread-safe."""
+
+    def __init__(self, max_batch: int):
+        r = self.registry = CollectorRegistry()
+        self.running = Gauge("grok_requests_running", "Requests holding a slot", registry=r)
+        self.waiting = Gauge("grok_requests_waiting", "Requests waiting for a slot",
+                             registry=r)
+        self.slots_in_use = Gauge("grok_slots_in_use", "KV-cache slots in use", registry=r)
+        self.slots = Gauge("grok_slots", "KV-cache slots in all (--max-batch)", registry=r)
+        self.slots.set(max_batch)
+        self.ttft = Histogram("grok_time_to_first_token_seconds",
+                              "From a request's arrival to its first token", buckets=_LATENCY,
+                              registry=r)
+        self.itl = Histogram("grok_inter_token_latency_seconds",
+                             "Between consecutive tokens of a request", buckets=_LATENCY,
+                             registry=r)
+        self.e2e = Histogram("grok_request_latency_seconds",
+                             "From a request's arrival to its last token", buckets=_E2E,
+                             registry=r)
+        self.prompt_tokens = Counter("grok_prompt_tokens", "Prompt tokens of admitted requests",
+                                     registry=r)
+        self.generation_tokens = Counter("grok_generation_tokens", "Tokens generated",
+                                         registry=r)
+        self.finished = Counter(
+            "grok_requests_finished",
+            "Requests ended, by reason: the engine's eos, stop or length, or cancelled "
+            "(client gone or shutdown) or failed", ["reason"], registry=r)
+        self.rejected = Counter("grok_requests_rejected",
+                                "Requests answered without generating, by HTTP status",
+                                ["status"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
