@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics(args.max_batch)
     worker = Worker(_builder(args, config, tokenizer), admission=admission, metrics=metrics,
                     channel=channel)
+    metrics.watch_routing(lambda: None if worker.engine is None
+                          else worker.engine.grok.expert_usage())
     if not distributed.is_main_process():
         try:
             worker.follow()
