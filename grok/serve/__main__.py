@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize(args)  # before anything touches a JAX backend
         compilation.enable(args.compilation_cache)
         config, tokenizer, template = _check(args)
-    except (ValueError, OSError) as e:
+    except (GrokError, OSError) as e:
         print(f"error: {cli._one_line(e)}", file=sys.stderr)
         distributed.exit_on_failure(2)
         return 2
