@@ -4,6 +4,7 @@ __version__ = "0.1.0"  # the package's one version number (pyproject.toml reads 
 
 from grok.api import Grok
 from grok.config import GROK_1, NANO, PRESETS, TINY, GrokConfig
+from grok.errors import CheckpointError, GrokError
 from grok.quant import QuantizedWeight8bit, dequantize, quantize
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "NANO",
     "PRESETS",
     "TINY",
+    "CheckpointError",
     "Grok",
     "GrokConfig",
+    "GrokError",
     "QuantizedWeight8bit",
     "__version__",
     "dequantize",

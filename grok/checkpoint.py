@@ -28,7 +28,7 @@ import numpy as np
 
 from grok import manifest, pickle_format
 from grok.config import GrokConfig
-from grok.errors import CheckpointError
+from grok.errors import CheckpointError, GrokError
 from grok.files import error, open_regular, printable
 from grok.quant import QuantizedWeight8bit, check_groups, is_quantized, quantize, release_groups
 
@@ -178,13 +178,13 @@ def write_checkpoint(path: str | os.PathLike, params: dict) -> None:
                              f"QuantizedWeight8bit, got {type(value).__name__} of dtype {dtype}")
     folder = Path(path) / CKPT_DIR
     if Path(path).is_file() or folder.is_file():
-        raise ValueError(f"cannot write a checkpoint into {folder}: a file is in the way")
+        raise GrokError(f"cannot write a checkpoint into {folder}: a file is in the way")
     folder.mkdir(parents=True, exist_ok=True)
     names = {tensor_name(i) for i in range(len(named))}
     stale = sorted(p.name for p in folder.iterdir()
                    if _TENSOR_FILE.fullmatch(p.name) and p.name not in names)
     if stale:
-        raise ValueError(f"{folder} already holds {stale[0]}, beyond the {len(named)} "
+        raise GrokError(f"{folder} already holds {stale[0]}, beyond the {len(named)} "
                          "parameters being written; write into an empty folder")
     for index, (name, value) in enumerate(named):
         if not is_quantized(value):

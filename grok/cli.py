@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None, out=None, err=None) -> int:
         distributed.initialize(args)  # before anything touches a JAX backend
         compilation.enable(args.compilation_cache)
         _run(args, *distributed.main_only(out, err))
-    except (ValueError, OSError) as e:
+    except (GrokError, OSError) as e:
         print(f"error: {_one_line(e)}", file=err)
         distributed.exit_on_failure(2)
         return 2

@@ -102,14 +102,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 class DemoGrok(Grok):
-    """The demo model, whose `generate` and `stream` default to greedy decoding and room
-    for the longest answer (the release's 100 new tokens do not fit its 64 positions)."""
+    """The demo model, whose `generate`, `stream` and `run` default to greedy decoding and
+    room for the longest answer (the release's 100 new tokens do not fit its 64 positions)."""
 
-    def generate(self, prompts, **settings):
-        return super().generate(prompts, **{**SETTINGS, **settings})
-
-    def stream(self, prompts, **settings):
-        return super().stream(prompts, **{**SETTINGS, **settings})
+    def run(self, prompts, log=None, **settings):
+        return super().run(prompts, log=log, **{**SETTINGS, **settings})
 
 
 def load(mesh_shape: tuple[int, int] = (1, 1), weights: str | None = None,

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok.errors import GrokError
+
 # Logit given to filtered-out tokens, as in the release: exp(-1e10 - max) is exactly 0.
 NEG = -1e10
 # How many most-likely alternatives each step reports, as the release's TOP_K.
@@ -40,7 +42,7 @@ class Sample(NamedTuple):
 def _first_violation(name: str, values, ok: np.ndarray, allowed: str) -> None:
     if not ok.all():
         bad = np.asarray(values).reshape(-1)[np.flatnonzero(~ok.reshape(-1))[0]]
-        raise ValueError(f"{name} must be {allowed}, got {bad.item()!r}")
+        raise GrokError(f"{name} must be {allowed}, got {bad.item()!r}")
 
 
 def check_settings(temperature, top_p, top_k) -> None:
@@ -50,7 +52,7 @@ def check_settings(temperature, top_p, top_k) -> None:
     for name, v, kinds in (("temperature", t, "iuf"), ("top_p", p, "iuf"), ("top_k", k, "iu")):
         if v.dtype.kind not in kinds:
             what = "an integer" if kinds == "iu" else "a number"
-            raise ValueError(f"{name} must be {what}, got {v.tolist()!r}")
+            raise GrokError(f"{name} must be {what}, got {v.tolist()!r}")
     _first_violation("temperature", t, np.isfinite(t) & (t >= 0),
                      "a finite number >= 0 (0 = greedy)")
     _first_violation("top_p", p, (p > 0) & (p <= 1), "in (0, 1]")

@@ -54,7 +54,7 @@ def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
     if (not isinstance(mesh_shape, (tuple, list)) or len(mesh_shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
                        for n in mesh_shape)):
-        raise ValueError(f"mesh_shape must be two positive integers (data, model), "
+        raise GrokError(f"mesh_shape must be two positive integers (data, model), "
                          f"got {mesh_shape!r}")
     data, model = mesh_shape
     if data * model > len(devices):
@@ -66,7 +66,7 @@ def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
         raise GrokError(f"mesh {data}x{model} needs {data * model} devices, but only "
                         f"{available} available{hint}")
     if processes > 1 and data * model != len(devices):
-        raise ValueError(f"mesh {data}x{model} uses {data * model} devices, but a run of "
+        raise GrokError(f"mesh {data}x{model} uses {data * model} devices, but a run of "
                          f"{processes} processes must use all {len(devices)}")
     grid = np.array(devices[: data * model], dtype=object).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
@@ -78,7 +78,7 @@ def check_mesh(config: GrokConfig, mesh: Mesh) -> None:
     for name in ("num_q_heads", "num_kv_heads"):
         heads = getattr(config, name)
         if heads % model:
-            raise ValueError(f"{name}={heads} cannot be split over a model axis of {model}: "
+            raise GrokError(f"{name}={heads} cannot be split over a model axis of {model}: "
                              f"use a model axis that divides {heads}")
 
 
@@ -113,7 +113,7 @@ def param_sharding(mesh: Mesh, path: str, kind: str, shape) -> NamedSharding:
     for dim, (size, axes) in enumerate(zip(shape, spec, strict=True)):
         ways = _axis_size(mesh, axes)
         if size % ways:
-            raise ValueError(f"parameter {path!r} ({kind}): dimension {dim} of size {size} "
+            raise GrokError(f"parameter {path!r} ({kind}): dimension {dim} of size {size} "
                              f"cannot be split {ways} ways over mesh axes {axes}")
     return NamedSharding(mesh, spec)
 

@@ -51,7 +51,7 @@ def test_mistakes_are_one_line(bench, argv, message, capsys):
 @pytest.mark.slow
 def test_compile_only_on_the_demo(bench, capsys):
     assert bench.main(["--config", str(DEMO_CONFIG), "--checkpoint", str(DEMO_CHECKPOINT),
-                       "--prompt-len", "8", "--compile-only"]) == 0
+                       "--prompt-len", "8", "--mesh", "1x1", "--compile-only"]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert sorted(figures["compile_s_by_batch"], key=int) == ["1", "2", "3", "4", "8"]
     assert all(s > 0 for s in figures["compile_s_by_batch"].values())

@@ -185,6 +185,7 @@ def test_batch_rows_get_their_own_tokens(grok, alone):
     assert compared >= 30  # 12 + 6 + 12: not vacuous
 
 
+@pytest.mark.slow
 def test_batch_on_mesh_with_data_axis(fixture_dir, alone):
     """The same batch of 3 on a (2, 4) mesh: rows split over data=2 (padded to 4), heads over
     model=4; each row still gets its single-prompt 1x1 tokens."""

@@ -399,9 +399,13 @@ def test_moe_module_matches_numpy(strategy):
     assert jax.tree.map(lambda p: p.shape, params) == {
         "moe/linear": {"w": (4, 32, 48)}, "moe/linear_v": {"w": (4, 32, 48)},
         "moe/linear_1": {"w": (4, 48, 32)}}
-    out = jax.jit(fn.apply)(_moe_params(*ws), jnp.asarray(x), jnp.asarray(router_w))
+    out, routing = jax.jit(fn.apply)(_moe_params(*ws), jnp.asarray(x), jnp.asarray(router_w))
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
     ref, gates, chosen, margin = np_moe(x.reshape(-1, cfg.emb_size), router_w, *ws)
+    # The routing the module reports is the one it used: NumPy's top-2, in order.
+    np.testing.assert_array_equal(np.asarray(routing.experts).reshape(chosen.shape), chosen)
+    np.testing.assert_allclose(np.asarray(routing.gates).reshape(gates.shape), gates,
+                               atol=1e-5)
     # routing is a discrete choice: the test needs clear margins between 2nd and 3rd expert
     assert margin > 1e-3
     # tokens use different experts (the test exercises the selection)
@@ -427,7 +431,7 @@ def test_moe_gates_are_raw_softmax_probabilities(strategy):
     u = np.asarray(x[0, 0], np.float64) / np.sum(np.asarray(x[0, 0], np.float64) ** 2)
     router_w = np.outer(u, [2.0, 1.5, 1.0, 0.5]).astype(np.float32)
     out = np.asarray(jax.jit(_moe_fn(cfg, strategy).apply)(_moe_params(*ws), jnp.asarray(x),
-                                                 jnp.asarray(router_w)), np.float64)[0]
+                                                 jnp.asarray(router_w))[0], np.float64)[0]
     expert = np_experts(x[0], *ws)[:, 0]  # [N, D], every expert the same
     probs = np_softmax(np.asarray(x[0], np.float64) @ router_w.astype(np.float64))
     top2 = np.sort(probs, axis=-1)[:, -2:].sum(-1)

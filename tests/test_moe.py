@@ -114,7 +114,8 @@ def reference(fixture_dir):
 
 
 @pytest.mark.parametrize("weights_mode, moe_mode", [
-    ("int8", "sparse"), ("dequantized", "sparse"), ("int8", "dense"), ("dequantized", "dense")])
+    ("int8", "sparse"), ("dequantized", "sparse"),
+    *(pytest.param(w, "dense", marks=pytest.mark.slow) for w in ("int8", "dequantized"))])
 def test_weight_modes_give_the_same_logits(fixture_dir, reference, weights_mode, moe_mode):
     """Both storage modes compute with the same bf16 weight values, so they agree with each
     other within the sparse/dense tolerance and with the release's logits within the

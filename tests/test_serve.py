@@ -67,6 +67,7 @@ def served(grok):
     """(service, url) of the main server, and the URL of a second app with a chat template
     over the same device thread."""
     metrics = Metrics(MAX_BATCH)
+    metrics.watch_routing(grok.expert_usage)
     worker = Worker(lambda: grok.engine(MAX_BATCH, MAX_SEQ_LEN),
                     admission=Admission(MAX_BATCH + MAX_QUEUE), metrics=metrics)
     config = ServerConfig(model_name=MODEL, tokenizer=grok.tokenizer,
@@ -417,6 +418,34 @@ def test_metrics_count_what_was_served(http):
     assert metric(http, "grok_inter_token_latency_seconds_count") > 0
     assert metric(http, "grok_requests_rejected_total", status="429") > 0
     assert metric(http, "grok_requests_rejected_total", status="400") > 0
+
+
+def routed(http) -> dict:
+    """{(phase, layer): tokens routed to any expert} from /metrics."""
+    out = {}
+    for m in re.finditer(r'^grok_expert_tokens_total\{expert="\d+",layer="(\d+)",'
+                         r'phase="(\w+)"\} ([0-9.e+]+)$', http.get("/metrics").text, re.M):
+        key = (m.group(2), int(m.group(1)))
+        out[key] = out.get(key, 0) + float(m.group(3))
+    return out
+
+
+def test_metrics_show_expert_routing(http, grok):
+    """Routing counters by phase, layer and expert grow by exactly what one request routed:
+    2 experts per prompt token in prefill, 2 per fed-back token in decode."""
+    before = routed(http)
+    assert len(before) == 2 * grok.config.num_layers
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "123+456=",
+                                           "max_tokens": 8, "temperature": 0}).json()
+    generated = r["usage"]["completion_tokens"]
+    after = routed(http)
+    for layer in range(grok.config.num_layers):
+        assert after["prefill", layer] - before["prefill", layer] == 2 * 8
+        assert after["decode", layer] - before["decode", layer] == 2 * (generated - 1)
+    text = http.get("/metrics").text
+    assert re.search(r'^grok_router_entropy_nats_total\{layer="0",phase="decode"\} ', text,
+                     re.M)
+    assert re.search(r'^grok_routed_tokens_total\{phase="prefill"\} ', text, re.M)
 
 
 def test_while_loading_everything_answers_503(grok):

@@ -113,6 +113,11 @@ class Engine:
         self.slots = sharding.padded_batch(grok.mesh, max_batch)  # rows of the decode state
         self.max_seq_len = max_seq_len
         self.log = log
+        sizes, n = {self.slots}, 1
+        while n < self.slots:
+            sizes.add(min(self.slots, sharding.padded_batch(grok.mesh, n)))
+            n *= 2
+        self._row_buckets = tuple(sorted(sizes))
         self._compiled: dict[tuple, object] = {}
         self.compile_seconds = 0.0
         self._state_shardings = self._shardings(state_specs(cfg.num_layers))
@@ -124,20 +129,14 @@ class Engine:
                      label: str = "the prompt") -> Request:
         """A request checked against the model and this engine's context."""
         return make_request(self.config, self.grok.tokenizer, prompt, settings,
-                            max_seq_len=None if self.max_seq_len == self.config.sequence_len
-                            else self.max_seq_len, label=label)
+                            max_seq_len=self.max_seq_len, label=label)
 
     # --- shapes --------------------------------------------------------------------------
 
     def row_buckets(self) -> list[int]:
         """The batch sizes prefill and decode compile for: powers of two up to the slots,
         each padded to the data axis."""
-        sizes, n = set(), 1
-        while True:
-            sizes.add(min(self.slots, sharding.padded_batch(self.mesh, n)))
-            if n >= self.slots:
-                return sorted(sizes)
-            n *= 2
+        return list(self._row_buckets)
 
     def length_buckets(self) -> list[int]:
         """Prompt-length and attention buckets up to the cache length."""
@@ -150,7 +149,7 @@ class Engine:
 
     def rows_for(self, n: int) -> int:
         """The compiled batch that holds `n` rows."""
-        return next(b for b in self.row_buckets() if b >= n)
+        return next(b for b in self._row_buckets if b >= n)
 
     def prompt_bucket(self, longest: int) -> int:
         return bucket(longest, cap=self.max_seq_len)

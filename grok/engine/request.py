@@ -69,7 +69,7 @@ def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | 
     `max_seq_len` is the context the request must fit (default: the model's);
     `label` names the prompt in messages ("prompt 3" in a batch).
     """
-    if max_seq_len is None:
+    if max_seq_len is None or max_seq_len == config.sequence_len:
         limit, limit_name = config.sequence_len, "sequence_len"
     else:
         limit, limit_name = max_seq_len, "max_seq_len"

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize(args)  # before anything touches a JAX backend
         compilation.enable(args.compilation_cache)
         config, tokenizer, template = _check(args)
-    except (ValueError, OSError) as e:
+    except (GrokError, OSError) as e:
         print(f"error: {cli._one_line(e)}", file=sys.stderr)
         distributed.exit_on_failure(2)
         return 2
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics(args.max_batch)
     worker = Worker(_builder(args, config, tokenizer), admission=admission, metrics=metrics,
                     channel=channel)
+    metrics.watch_routing(lambda: None if worker.engine is None
+                          else worker.engine.grok.expert_usage())
     if not distributed.is_main_process():
         try:
             worker.follow()

@@ -3,6 +3,8 @@ one process, as in tests, never collide in the global one)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -10,6 +12,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+
+from grok.routing import PHASES, ExpertUsage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -52,5 +57,49 @@ class Metrics:
                                 "Requests answered without generating, by HTTP status",
                                 ["status"], registry=r)
 
+    def watch_routing(self, usage: Callable[[], ExpertUsage | None]) -> None:
+        """Exposes the model's expert-routing tallies, read from `usage` at each scrape
+        (None while the model loads)."""
+        self.registry.register(_RoutingCollector(usage))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RoutingCollector:
+    """Expert-routing tallies as counters labelled by phase, layer and expert, so that a
+    deployment's routing can be graphed over time (rates of `grok_expert_tokens_total`)."""
+
+    def __init__(self, usage: Callable[[], ExpertUsage | None]):
+        self.usage = usage
+
+    def describe(self):
+        return []  # values appear once the model has loaded
+
+    def collect(self):
+        tokens = CounterMetricFamily(
+            "grok_expert_tokens", "Tokens routed to the expert (one of their top-2 choices)",
+            labels=["phase", "layer", "expert"])
+        gates = CounterMetricFamily(
+            "grok_expert_gate_mass", "Summed gate weight of the tokens routed to the expert",
+            labels=["phase", "layer", "expert"])
+        entropy = CounterMetricFamily(
+            "grok_router_entropy_nats", "Summed entropy of the layer's router distribution",
+            labels=["phase", "layer"])
+        routed = CounterMetricFamily("grok_routed_tokens", "Tokens whose routing was counted",
+                                     labels=["phase"])
+        usage = self.usage()
+        if usage is not None:
+            for phase in PHASES:
+                counts = usage.counts(phase)
+                mass = getattr(usage, f"{phase}_gate_mass")
+                n = getattr(usage, f"{phase}_tokens")
+                routed.add_metric([phase], n)
+                for layer in range(counts.shape[0]):
+                    entropy.add_metric([phase, str(layer)],
+                                       float(getattr(usage, f"{phase}_entropy")[layer] * n))
+                    for expert in range(counts.shape[1]):
+                        labels = [phase, str(layer), str(expert)]
+                        tokens.add_metric(labels, int(counts[layer, expert]))
+                        gates.add_metric(labels, float(mass[layer, expert]))
+        yield from (tokens, gates, entropy, routed)
