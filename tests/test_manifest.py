@@ -134,12 +134,13 @@ def test_cli_verify_reaches_the_loader(tmp_path):
     import shutil
 
     from grok.cli import build_parser, main
+    from grok.demo import DEMO_FILES
     assert build_parser().parse_args(["--verify"]).verify
     assert not build_parser().parse_args([]).verify
-    shutil.copytree(REPO / "checkpoints" / "demo", tmp_path / "demo")
+    shutil.copytree(DEMO_FILES, tmp_path / "demo")
     argv = ["--checkpoint", str(tmp_path / "demo"), "--config",
             str(tmp_path / "demo" / "config.json"), "--tokenizer",
-            str(REPO / "tokenizer" / "demo.model"), "--mesh", "1x1", "--verify",
+            str(DEMO_FILES / "demo.model"), "--mesh", "1x1", "--verify",
             "--prompt", "1+1=", "--max-new-tokens", "1"]
     err = io.StringIO()
     assert main(argv, out=io.StringIO(), err=err) == 2
