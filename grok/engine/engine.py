@@ -382,6 +382,8 @@ class Engine:
 
     def _compiled_step(self, key: tuple, fn, args, what: str, donate: tuple[int, ...] = ()):
         if key not in self._compiled:
+            if self.log is not None:  # on the real model a compile takes minutes
+                self.log(f"compiling {what} ...")
             start, hits = time.perf_counter(), compilation.cache_hits()
             in_shardings = jax.tree.map(lambda a: a.sharding, args)
             jitted = jax.jit(fn, in_shardings=in_shardings,
