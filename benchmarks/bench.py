@@ -66,6 +66,18 @@ def _write(config_path: str, directory: str) -> None:
     write_checkpoint(directory, random_params(GrokConfig.from_json(config_path)))
 
 
+def write_random_checkpoint(config_path: Path, directory: Path) -> None:
+    """A random checkpoint of the config in the released format, written by a child
+    process, so that the parameters' host memory is gone before anything is measured."""
+    log(f"writing a random checkpoint of {config_path} to {directory} ...")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_write, args=(str(config_path), str(directory)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"writing the checkpoint failed ({child.exitcode})")
+
+
 def memory_bandwidth_gbs(total_bytes: int = 1 << 30, count: int = 32) -> float:
     """Read bandwidth as decoding sees it: vector-matrix products over `count` distinct
     float32 matrices of 1 GiB in all, far more than any cache holds (a single matrix of a
@@ -196,13 +208,7 @@ def run(argv=None) -> int:
         checkpoint = args.checkpoint
         if checkpoint is None:
             checkpoint = Path(scratch)
-            log(f"writing a random checkpoint of {args.config} to {checkpoint} ...")
-            child = multiprocessing.get_context("spawn").Process(
-                target=_write, args=(str(args.config), str(checkpoint)))
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                raise SystemExit(f"writing the checkpoint failed ({child.exitcode})")
+            write_random_checkpoint(args.config, checkpoint)
 
         log("loading ...")
         start = time.perf_counter()

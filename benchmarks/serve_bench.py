@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -231,15 +230,6 @@ def generate(grok, batch_prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_ms_per_step": round(s.decode_s / max(s.decode_steps, 1) * 1e3, 2)}
 
 
-def _write(config_path: str, directory: str) -> None:
-    from bench import random_params
-
-    from grok import GrokConfig
-    from grok.checkpoint import write_checkpoint
-
-    write_checkpoint(directory, random_params(GrokConfig.from_json(config_path)))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -264,14 +254,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="grok-serve-bench-") as scratch:
         checkpoint = args.checkpoint
         if checkpoint is None:
+            from bench import write_random_checkpoint
+
             checkpoint = Path(scratch)
-            log(f"writing a random checkpoint of {args.config} to {checkpoint} ...")
-            child = multiprocessing.get_context("spawn").Process(
-                target=_write, args=(str(args.config), str(checkpoint)))
-            child.start()
-            child.join()
-            if child.exitcode != 0:
-                raise SystemExit(f"writing the checkpoint failed ({child.exitcode})")
+            write_random_checkpoint(args.config, checkpoint)
         results = measure(args, checkpoint, config, work)
 
     import jax

@@ -82,13 +82,16 @@ class Grok:
     def logits(self, tokens) -> np.ndarray:
         """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
         tokens = self.config.check_tokens(tokens)
+        out = self._forward(self.params, self._place(tokens))
+        return sharding.fetch(out[: tokens.shape[0]]).astype(np.float32)
+
+    def _place(self, tokens: np.ndarray) -> jax.Array:
+        """Checked tokens [B, T] on the mesh, rows padded to the data axis with pad."""
         batch = tokens.shape[0]
         rows = sharding.padded_batch(self.mesh, batch)
         padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
         padded[:batch] = tokens
-        placed = sharding.put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
-        out = self._forward(self.params, placed)
-        return sharding.fetch(out[:batch]).astype(np.float32)
+        return sharding.put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
 
     @functools.cached_property
     def _forward(self):
@@ -99,12 +102,8 @@ class Grok:
         first, and their gate weights, exactly as the forward pass used them: int32 and
         float32 [B, T, L, X]; -1 and 0 at pad tokens."""
         tokens = self.config.check_tokens(tokens)
-        batch = tokens.shape[0]
-        rows = sharding.padded_batch(self.mesh, batch)
-        padded = np.full((rows, tokens.shape[1]), self.config.pad_token, np.int32)
-        padded[:batch] = tokens
-        placed = sharding.put(padded, NamedSharding(self.mesh, sharding.TOKENS_SPEC))
-        experts, gates = (sharding.fetch(x)[:batch] for x in self._route(self.params, placed))
+        experts, gates = (sharding.fetch(x)[: tokens.shape[0]]
+                          for x in self._route(self.params, self._place(tokens)))
         pad = (tokens == self.config.pad_token)[:, :, None, None]
         return Routing(np.where(pad, -1, experts).astype(np.int32),
                        np.where(pad, 0.0, gates).astype(np.float32))
