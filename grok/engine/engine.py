@@ -30,6 +30,7 @@ from grok import compilation, sharding
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, LayerCache, init_cache
+from grok.quant import storage_dtype
 from grok.routing import Tally, tally
 from grok.sampling import Sample, SamplingParams, sample
 from grok.sharding import DATA, KV_SPEC
@@ -112,6 +113,10 @@ class Engine:
         self.mesh = grok.mesh
         self.slots = sharding.padded_batch(grok.mesh, max_batch)  # rows of the decode state
         self.max_seq_len = max_seq_len
+        # Keys and values are bf16 numbers; on CPU they are held as float32, since XLA:CPU
+        # would otherwise convert the whole cache to float32 for its dots and scatters at
+        # every step (measured +29% per decode step with 16 slots of 288 positions).
+        self.cache_dtype = storage_dtype(grok.mesh.devices.flat[0].platform)
         self.log = log
         sizes, n = {self.slots}, 1
         while n < self.slots:
@@ -277,10 +282,11 @@ class Engine:
 
     def _init_fn(self):
         cfg, slots, max_len = self.config, self.slots, self.max_seq_len
+        cache_dtype = self.cache_dtype
 
         def init():
             zeros = jnp.zeros((slots,), jnp.int32)
-            return DecodeState(init_cache(cfg, slots, max_len), zeros, zeros,
+            return DecodeState(init_cache(cfg, slots, max_len, cache_dtype), zeros, zeros,
                                jnp.zeros((slots,), jnp.uint32),
                                SamplingParams(jnp.zeros((slots,), jnp.float32),
                                               jnp.ones((slots,), jnp.float32), zeros),
@@ -288,10 +294,10 @@ class Engine:
         return init
 
     def _prefill_fn(self):
-        grok, cfg = self.grok, self.config
+        grok, cfg, cache_dtype = self.grok, self.config, self.cache_dtype
 
         def prefill(params, tokens, lengths, seeds, sampling, allowed):
-            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])
+            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], cache_dtype)
             logits, cache, routing = grok.model.apply(params, tokens, cache, num_new=lengths,
                                                       with_routing=True)
             last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
