@@ -13,7 +13,7 @@ fixed token-id prompts with `ignore_eos` (and `logprobs: 0`, so that every token
 its own event): output tokens/s over the level's wall time, time to first token and
 inter-token latency (p50, p95) as the clients see them. Offline: `Grok.generate` in this
 process on the same prompts at the batch of each level (and 1). The three
-targets of issue 9 are printed as ratios measured in this run:
+serving targets are printed as ratios measured in this run:
 
 - served tokens/s at concurrency 8 over offline batch-8 generation (target >= 0.85);
 - inter-token latency p50 at concurrency 1 over offline batch-1 decode time per token

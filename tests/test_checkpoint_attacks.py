@@ -1,4 +1,4 @@
-"""One regression test per finding of the attack on the checkpoint reader (issue 10), each
+"""One regression test per finding of the attack on the checkpoint reader, each
 on hostile files generated here. Inputs that once hung or blew up are parsed in a worker
 process with a time limit and an address-space cap, so that they fail, not hang."""
 
