@@ -42,6 +42,9 @@ ROWS = P(DATA)  # [B]: one value per row, rows split over `data`
 ROWS_BY_VOCAB = P(DATA, None)  # [B, V]
 ROWS_BY_SLOT = P(DATA, None)  # [B, S]
 REPLICATED = P()  # a step's draw: every process reads it
+# Layouts of a prefill's inputs after the parameters, in `Engine._prefill_inputs` order.
+PREFILL_INPUT_SPECS = (ROWS_BY_SLOT, ROWS, ROWS, SamplingParams(ROWS, ROWS, ROWS),
+                       ROWS_BY_VOCAB)
 
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
@@ -163,39 +166,27 @@ class Engine:
 
     def init_state(self) -> DecodeState:
         """An empty decode state: every slot free."""
-        step = self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
-        return step()
+        return self._init_step()()
 
     def prefill(self, requests: Sequence[Request]) -> tuple[Prefix, Sample]:
         """Runs the prompts (at most `slots`) through the model in one batch; returns the
         rows on the devices and their first draws on the host."""
-        cfg = self.config
         n = len(requests)
         if not 1 <= n <= self.slots:
             raise ValueError(f"prefill takes 1 to {self.slots} requests, got {n}")
         batch = self.rows_for(n)
         length = self.prompt_bucket(max(len(r.prompt_ids) for r in requests))
-        tokens = np.full((batch, length), cfg.pad_token, np.int32)
-        lengths = np.zeros(batch, np.int32)  # padding rows: nothing real
-        seeds = np.zeros(batch, np.uint32)
-        temperature = np.zeros(batch, np.float32)
-        top_p = np.ones(batch, np.float32)
-        top_k = np.zeros(batch, np.int32)
-        allowed = np.ones((batch, cfg.vocab_size), bool)
+        tokens, lengths, seeds, sampling, allowed = arrays = self._prefill_inputs(batch, length)
         for i, r in enumerate(requests):
             s = r.settings
             tokens[i, : len(r.prompt_ids)] = r.prompt_ids
             lengths[i] = len(r.prompt_ids)
             seeds[i] = _seed_bits(s.seed)
-            temperature[i], top_p[i], top_k[i] = s.temperature, s.top_p, s.top_k
-            allowed[i] = allowed_mask(cfg, s, self.grok.tokenizer)
-        specs = prefix_specs(cfg.num_layers)
-        args = (self.grok.params, self._put(tokens, ROWS_BY_SLOT), self._put(lengths, ROWS),
-                self._put(seeds, ROWS),
-                SamplingParams(*(self._put(x, ROWS) for x in (temperature, top_p, top_k))),
-                self._put(allowed, specs.allowed))
-        step = self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
-                                   f"prefill (batch {batch}, prompt bucket {length})")
+            sampling.temperature[i], sampling.top_p[i], sampling.top_k[i] = \
+                s.temperature, s.top_p, s.top_k
+            allowed[i] = allowed_mask(self.config, s, self.grok.tokenizer)
+        args = (self.grok.params, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
+        step = self._prefill_step(batch, length, args)
         prefix, tally = step(*args)
         first, tally = jax.device_get((prefix.first, tally))
         self._count("prefill", tally)
@@ -212,10 +203,7 @@ class Engine:
         index = np.full(batch, self.slots, np.int32)  # out of range: dropped
         index[: len(slots)] = slots
         args = (state, prefix, self._put(index, REPLICATED))
-        step = self._compiled_step(("insert", batch, length), self._insert_fn(), args,
-                                   f"insert (batch {batch}, prompt bucket {length})",
-                                   donate=(0,))
-        return step(*args)
+        return self._insert_step(batch, length, args)(*args)
 
     def generate(self, state: DecodeState, active: jax.Array, rows: int, filled: int
                  ) -> tuple[DecodeState, Sample]:
@@ -225,10 +213,7 @@ class Engine:
         Returns the new state and the draws of the first `rows` slots, on the host."""
         attend = bucket(filled, cap=self.max_seq_len)
         args = (self.grok.params, state, active)
-        step = self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
-                                   args, f"decode step (rows {rows}, attending {attend})",
-                                   donate=(1,))
-        state, drawn, tally = step(*args)
+        state, drawn, tally = self._decode_step(rows, attend, args)(*args)
         drawn, tally = jax.device_get((drawn, tally))
         self._count("decode", tally)
         return state, drawn
@@ -243,40 +228,54 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles every step any request can need, so none compiles while serving."""
-        cfg = self.config
-        specs = prefix_specs(cfg.num_layers)
-        self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
-        state = jax.eval_shape(self._init_fn())
+        self._init_step()  # compiled, not run: the scheduler makes its own state
+        state = self._with_shardings(jax.eval_shape(self._init_fn()), self._state_shardings)
         params = self.grok.params
         for batch in self.row_buckets():
             for length in self.length_buckets():
-                sds = self._abstract
-                args = (params, sds((batch, length), jnp.int32, ROWS_BY_SLOT),
-                        sds((batch,), jnp.int32, ROWS), sds((batch,), jnp.uint32, ROWS),
-                        SamplingParams(sds((batch,), jnp.float32, ROWS),
-                                       sds((batch,), jnp.float32, ROWS),
-                                       sds((batch,), jnp.int32, ROWS)),
-                        sds((batch, cfg.vocab_size), jnp.bool_, specs.allowed))
-                self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
-                                    f"prefill (batch {batch}, prompt bucket {length})")
+                args = (params, *jax.tree.map(
+                    lambda a, spec: self._abstract(a.shape, a.dtype, spec),
+                    self._prefill_inputs(batch, length), PREFILL_INPUT_SPECS))
+                self._prefill_step(batch, length, args)
                 prefix, _ = jax.eval_shape(self._prefill_fn(), *args)
-                insert_args = (self._with_shardings(state, self._state_shardings),
-                               self._with_shardings(prefix, self._prefix_shardings),
-                               sds((batch,), jnp.int32, REPLICATED))
-                self._compiled_step(("insert", batch, length), self._insert_fn(),
-                                    insert_args,
-                                    f"insert (batch {batch}, prompt bucket {length})",
-                                    donate=(0,))
+                self._insert_step(batch, length, (
+                    state, self._with_shardings(prefix, self._prefix_shardings),
+                    self._abstract((batch,), jnp.int32, REPLICATED)))
             for attend in self.length_buckets():
-                args = (params, self._with_shardings(state, self._state_shardings),
-                        self._abstract((self.slots,), jnp.bool_, ROWS))
-                self._compiled_step(("decode", batch, attend), self._decode_fn(batch, attend),
-                                    args, f"decode step (rows {batch}, attending {attend})",
-                                    donate=(1,))
+                self._decode_step(batch, attend, (
+                    params, state, self._abstract((self.slots,), jnp.bool_, ROWS)))
 
     @property
     def compile_count(self) -> int:
         return len(self._compiled)
+
+    # --- one compiled program per step and shape (serving and warmup alike) ---------------
+
+    def _prefill_inputs(self, batch: int, length: int) -> tuple:
+        """Host inputs of a prefill of `batch` rows, each a padding row until filled in:
+        tokens [B, T], lengths [B], seeds [B], SamplingParams [B], allowed [B, V]."""
+        return (np.full((batch, length), self.config.pad_token, np.int32),
+                np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
+                SamplingParams(np.zeros(batch, np.float32), np.ones(batch, np.float32),
+                               np.zeros(batch, np.int32)),
+                np.ones((batch, self.config.vocab_size), bool))
+
+    def _init_step(self):
+        return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
+
+    def _prefill_step(self, batch: int, length: int, args):
+        return self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
+                                   f"prefill (batch {batch}, prompt bucket {length})")
+
+    def _insert_step(self, batch: int, length: int, args):
+        return self._compiled_step(("insert", batch, length), self._insert_fn(), args,
+                                   f"insert (batch {batch}, prompt bucket {length})",
+                                   donate=(0,))
+
+    def _decode_step(self, rows: int, attend: int, args):
+        return self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
+                                   args, f"decode step (rows {rows}, attending {attend})",
+                                   donate=(1,))
 
     # --- the traced functions -------------------------------------------------------------
 
