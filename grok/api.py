@@ -16,6 +16,7 @@ from grok.engine.engine import Engine, bucket
 from grok.engine.request import Completion, Event, GenerationSettings, make_request
 from grok.engine.scheduler import Scheduler, Stats
 from grok.errors import GrokError
+from grok.layers import check_layer_mode, default_layer_mode
 from grok.moe import STRATEGIES
 from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
 from grok.routing import ExpertUsage, Routing, UsageCounter
@@ -27,14 +28,16 @@ class Grok:
 
     def __init__(self, config: GrokConfig, params: dict, mesh: Mesh,
                  tokenizer: Tokenizer | None = None, moe_strategy: str = "sparse",
-                 expert_stats: bool = True):
+                 expert_stats: bool = True, layers: str = "unrolled"):
         """`expert_stats`: every prefill and decode step tallies its expert routing
-        (`expert_usage`); off, the steps compute nothing of it."""
+        (`expert_usage`); off, the steps compute nothing of it. `layers`: the tree `params`
+        has and how the layers run (see `grok.layers`)."""
         self.config = config
         self.params = params
         self.mesh = mesh
         self.tokenizer = tokenizer
-        self.model = model.build(config, moe_strategy, mesh)
+        self.layers = check_layer_mode(layers)
+        self.model = model.build(config, moe_strategy, mesh, layers)
         self.expert_stats = expert_stats
         self.usage = UsageCounter(config.num_layers, config.num_experts)
         self._engines: dict[tuple[int, int], Engine] = {}
@@ -44,7 +47,7 @@ class Grok:
              tokenizer_path: str | os.PathLike | Tokenizer | None = None,
              mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
              moe: str = "sparse", progress: bool | None = None, verify: bool = False,
-             expert_stats: bool = True) -> Grok:
+             expert_stats: bool = True, layers: str | None = None) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
         `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
@@ -56,28 +59,34 @@ class Grok:
         `tokenizer_path` may also be a `Tokenizer` already read (the CLI reads it first, to
         check prompts before the long load). `verify`: check every file against the
         manifest beside `ckpt-0` first (see `grok.manifest`). `expert_stats`: see
-        `Grok.__init__`.
+        `Grok.__init__`. `layers`: "scan" runs one compiled layer body over stacked
+        weights, "unrolled" compiles every layer (default: unrolled on CPU, scan elsewhere;
+        see `grok.layers`).
         """
         if moe not in STRATEGIES:
             raise GrokError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
         if weights not in (None, *WEIGHT_MODES):
             raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+        if layers is not None:
+            check_layer_mode(layers)
         config = resolve_config(config)
         tokenizer = tokenizer_path
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_config(tokenizer_path, config)
         mesh = sharding.make_mesh(mesh_shape)
         sharding.check_mesh(config, mesh)
+        platform = mesh.devices.flat[0].platform
+        layers = default_layer_mode(platform) if layers is None else layers
         params = checkpoint.load_checkpoint(
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
-            progress=progress if distributed.is_main_process() else False, verify=verify)
-        platform = mesh.devices.flat[0].platform
+            progress=progress if distributed.is_main_process() else False, verify=verify,
+            stacked=layers == "scan")
         weights = default_weight_mode(platform) if weights is None else weights
         params = store_params(params, weights, storage_dtype(platform),
                               split_experts=platform == "cpu")
         return cls(config, params, mesh, tokenizer, moe_strategy=moe,
-                   expert_stats=expert_stats)
+                   expert_stats=expert_stats, layers=layers)
 
     def logits(self, tokens) -> np.ndarray:
         """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
@@ -161,12 +170,7 @@ class Grok:
         requests = [make_request(self.config, self.tokenizer, prompt,
                                  GenerationSettings(seed=s, **settings), label=f"prompt {i}")
                     for i, (prompt, s) in enumerate(zip(batch, seeds, strict=True))]
-        # The smallest cache that holds every request, bucketed so that calls alike in size
-        # share an engine and its compiled steps.
-        needed = max(len(r.prompt_ids) + r.settings.max_new_tokens for r in requests)
-        max_seq_len = bucket(needed, cap=self.config.sequence_len)
-        engine = self.engine(bucket(len(requests), cap=1 << 30, minimum=1), max_seq_len,
-                             log=log)
+        engine = self.engine(*run_shape(self.config, requests), log=log)
         return GenerationRun(single, engine, requests)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **settings
@@ -207,6 +211,28 @@ class GenerationRun:
         self.stats = Stats()
         self.compile_s = 0.0
 
+    def programs(self) -> list[tuple]:
+        """The programs this run compiles as it goes (`Engine.programs()` keys, in the
+        scheduler's order: prefills grouped by prompt bucket, then decode steps by the
+        attended length), so that a caller can compile them first (`Engine.warmup`)."""
+        engine = self.engine
+        keys: list[tuple] = [("init",)]
+        lengths: dict[int, int] = {}
+        for r in self.requests:
+            length = engine.prompt_bucket(len(r.prompt_ids))
+            lengths[length] = lengths.get(length, 0) + 1
+        for length, count in lengths.items():
+            most = engine.max_prefill_batch(length)
+            keys += [("prefill", engine.rows_for(min(most, count - i)), length)
+                     for i in range(0, count, most)]
+        longest = max(len(r.prompt_ids) for r in self.requests)
+        last = max(len(r.prompt_ids) + r.settings.max_new_tokens - 1 for r in self.requests)
+        for filled in range(longest + 1, last + 1):
+            key = ("decode", engine.slots, engine.attend_bucket(filled))
+            if key not in keys:
+                keys.append(key)
+        return list(dict.fromkeys(keys))
+
     def __iter__(self) -> Iterator[tuple[int, Event]]:
         compiled_before = self.engine.compile_seconds
         scheduler = Scheduler(self.engine, shrink_rows=False)
@@ -222,6 +248,15 @@ class GenerationRun:
 
 
 Prompt = str | Sequence[int]
+
+
+def run_shape(config: GrokConfig, requests: Sequence) -> tuple[int, int]:
+    """(slots, positions) of the engine `Grok.run` uses for these requests: the smallest
+    cache that holds every one, bucketed so that calls alike in size share an engine and
+    its compiled steps."""
+    needed = max(len(r.prompt_ids) + r.settings.max_new_tokens for r in requests)
+    return (bucket(len(requests), cap=1 << 30, minimum=1),
+            bucket(needed, cap=config.sequence_len))
 
 
 def _as_batch(prompts) -> tuple[bool, list]:

@@ -10,6 +10,7 @@ and parameter named, not after minutes of loading or with a shape error deep ins
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import mmap
 import os
@@ -30,6 +31,7 @@ from grok import manifest, pickle_format
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, GrokError
 from grok.files import error, open_regular, printable
+from grok.layers import split_release_path
 from grok.quant import QuantizedWeight8bit, check_groups, is_quantized, quantize, release_groups
 
 CKPT_DIR = "ckpt-0"
@@ -426,9 +428,57 @@ def _parts(value) -> list[tuple[str, np.ndarray]]:
     return [("value", value)]
 
 
+class _Stack:
+    """One stacked [L, ...] parameter being assembled while its layers' files load: each
+    local device holds one [L, *shard] array, and each layer's slice is read from its file
+    and written into its place in that array (donated, so in place). No host ever holds
+    more of it than the layer slices in flight."""
+
+    def __init__(self, layers: int, layer_shape: tuple[int, ...], dtype,
+                 sharding: jax.sharding.Sharding, name: str):
+        self.shape = (layers, *layer_shape)
+        self.sharding = sharding
+        self.indices = sharding.addressable_devices_indices_map(self.shape)
+        for index in self.indices.values():
+            if _key(index[:1], self.shape[:1]) != ((0, layers),):
+                raise ValueError(f"{name}: a stacked parameter's layer axis must not be "
+                                 f"split, got sharding {sharding}")
+        self.dtype = dtype
+        self.arrays: dict = {}
+        self.lock = threading.Lock()
+
+    def layer_slices(self) -> dict[Key, tuple]:
+        """The distinct slices of one layer's tensor that this process's devices hold."""
+        slices: dict[Key, tuple] = {}
+        for index in self.indices.values():
+            slices.setdefault(_key(index[1:], self.shape[1:]), index[1:])
+        return slices
+
+    def put(self, layer: int, host: np.ndarray) -> None:
+        shape = self.shape[1:]
+        buffers = _read_slices(host, self.layer_slices())
+        with self.lock:
+            for device, index in self.indices.items():
+                piece = jax.device_put(buffers[_key(index[1:], shape)], device)
+                if device not in self.arrays:
+                    local = (self.shape[0], *piece.shape)
+                    self.arrays[device] = jax.device_put(np.zeros(local, self.dtype), device)
+                self.arrays[device] = _set_layer(self.arrays[device], piece, np.int32(layer))
+        _drop_pages(host)
+
+    def array(self) -> jax.Array:
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding, [self.arrays[d] for d in self.indices])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, piece, layer):
+    return jax.lax.dynamic_update_index_in_dim(stack, piece.astype(stack.dtype), layer, 0)
+
+
 def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                     sharding_for: ShardingFor, *, progress: bool | None = None,
-                    verify: bool = False) -> dict:
+                    verify: bool = False, stacked: bool = False) -> dict:
     """The checkpoint's parameters as `jax.Array`s placed where `sharding_for` says.
 
     `sharding_for(param_path, kind, shape)` returns the sharding of each array, `kind` being
@@ -441,37 +491,78 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     once the load has taken over two seconds. `verify`: first check every file's size and
     SHA-256 against the manifest beside `ckpt-0` (see `grok.manifest`; a missing manifest
     is an error), which the format itself cannot do: it has no checksums.
+
+    `expected` is always the release's per-layer tree, as the files are. With `stacked`,
+    the decoder layers' parameters come back as the `scan` tree of `grok.layers` (each
+    layer's file read into its slice of one [L, ...] array; `sharding_for` is asked for the
+    stacked path and shape).
     """
     opened, treedef = _open_all(path, expected, verify, progress)
-    placements = []  # per file: (8-bit?, [(host array, sharding), ...])
+    num_layers = 1 + max((split[1] for name, _ in opened
+                          if (split := split_release_path(name)) is not None), default=-1)
+    stacks: dict[tuple[str, str], _Stack] = {}
+    placements = []  # per file: (name, 8-bit?, [(kind, host array, sharding or stack), ...])
     for name, value in opened:
+        split = split_release_path(name) if stacked else None
         parts = []
         for kind, host in _parts(value):
-            sharding = sharding_for(name, kind, tuple(host.shape))
+            shape = tuple(host.shape)
+            target_name, target_shape = (name, shape) if split is None \
+                else (split[0], (num_layers, *shape))
+            sharding = sharding_for(target_name, kind, target_shape)
             if not isinstance(sharding, jax.sharding.Sharding):
-                raise ValueError(f"sharding_for({name!r}, {kind!r}, {list(host.shape)}) "
-                                 f"returned a {type(sharding).__name__}, not a "
-                                 "jax.sharding.Sharding")
-            parts.append((host, sharding))
-        placements.append((isinstance(value, QuantizedWeight8bit), parts))
+                raise ValueError(f"sharding_for({target_name!r}, {kind!r}, "
+                                 f"{list(target_shape)}) returned a "
+                                 f"{type(sharding).__name__}, not a jax.sharding.Sharding")
+            target = sharding
+            if split is not None:
+                if (split[0], kind) not in stacks:
+                    stacks[split[0], kind] = _Stack(num_layers, shape, host.dtype, sharding,
+                                                    split[0])
+                target = stacks[split[0], kind]
+            parts.append((host, target))
+        placements.append((name, isinstance(value, QuantizedWeight8bit), parts))
     sizes = [sum(math.prod(_slice_shape(key)) * host.dtype.itemsize
-                 for host, sharding in parts for key in local_slices(host.shape, sharding))
-             for _, parts in placements]
+                 for host, target in parts
+                 for key in (target.layer_slices() if isinstance(target, _Stack)
+                             else local_slices(host.shape, target)))
+             for _, _, parts in placements]
     meter = _Progress(len(opened), sum(sizes), progress)
     budget = _ByteBudget(max(sizes, default=0))
 
-    def load_one(item: tuple[tuple[bool, list], int]):
-        (quantized, parts), nbytes = item
+    def load_one(item: tuple[tuple[str, bool, list], int]):
+        (name, quantized, parts), nbytes = item
         with budget.hold(nbytes):
-            arrays = [_place(host, sharding) for host, sharding in parts]
+            arrays = []
+            for host, target in parts:
+                if isinstance(target, _Stack):
+                    target.put(split_release_path(name)[1], host)
+                    arrays.append(None)
+                else:
+                    arrays.append(_place(host, target))
             value = QuantizedWeight8bit(*arrays) if quantized else arrays[0]
-            jax.block_until_ready(value)
+            jax.block_until_ready([a for a in arrays if a is not None])
         meter.add(nbytes)
-        return value
+        return name, value
 
     try:
         with ThreadPoolExecutor(min(_MAX_THREADS, max(len(opened), 1))) as pool:
-            leaves = list(pool.map(load_one, zip(placements, sizes, strict=True)))
+            loaded = list(pool.map(load_one, zip(placements, sizes, strict=True)))
     finally:
         meter.close()
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    if not stacked:
+        return jax.tree_util.tree_unflatten(treedef, [value for _, value in loaded])
+    params: dict = {}
+    for name, value in loaded:
+        split = split_release_path(name)
+        if split is not None:
+            if split[1] != 0:  # the stack is the value of its layer 0
+                continue
+            name = split[0]
+            value = (QuantizedWeight8bit(stacks[name, "weight"].array(),
+                                         stacks[name, "scales"].array())
+                     if (name, "weight") in stacks else stacks[name, "value"].array())
+        module, param = name.rsplit("/", 1)
+        params.setdefault(module, {})[param] = value
+    return params
+

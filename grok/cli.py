@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 from grok import __version__, compilation, demo, distributed, plot, sharding
-from grok.api import Grok
+from grok.api import Grok, run_shape
 from grok.config import PRESETS, resolve_config
+from grok.engine.progress import ProgressLine
 from grok.engine.request import GenerationSettings, make_request
 from grok.errors import GrokError
+from grok.layers import LAYER_MODES
 from grok.moe import STRATEGIES
+from grok.plan.sizes import RunShape, check_fits
 from grok.quant import WEIGHT_MODES
 from grok.tokenizer import Tokenizer
 
@@ -53,6 +56,23 @@ def _mesh(text: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"--mesh must be DATAxMODEL, e.g. 1x8, got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+AUTO = "auto"  # --max-batch: the most slots that fit
+
+
+def max_batch_arg(text: str) -> int | str:
+    """--max-batch: a positive integer, or 'auto'."""
+    if text == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-batch must be a positive integer or "
+                                         f"'auto', got {text!r:.40}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-batch must be at least 1, got {value}")
+    return value
 
 
 def _program() -> str:
@@ -109,6 +129,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
                    help="sparse: only the chosen experts run; dense: all, as the release "
                         "(default: %(default)s)")
+    p.add_argument("--layers", choices=LAYER_MODES,
+                   help="scan: one compiled layer body run over stacked weights (compile "
+                        "time independent of depth); unrolled: every layer compiled (default: "
+                        "unrolled on CPU, where XLA copies stacked weights' slices, else scan)")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's size and SHA-256 against the manifest "
                         "beside ckpt-0 before loading (tools/checkpoint_manifest.py writes it)")
@@ -144,6 +168,13 @@ def _check_paths(args) -> None:
                         f"tokenizer/README.md says where to get it")
 
 
+def model_name(args) -> str:
+    """How messages name the model: its preset or its config file's name."""
+    if args.demo:
+        return "the demo model"
+    return args.config if args.config in PRESETS else Path(args.config).stem
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -156,7 +187,8 @@ def _run(args, out, err) -> None:
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
-    sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    mesh = sharding.make_mesh(args.mesh)
+    sharding.check_mesh(config, mesh)
     if args.expert_plot is not None:
         plot.require()
     for flag, path in (("--expert-stats", args.expert_stats),
@@ -165,20 +197,30 @@ def _run(args, out, err) -> None:
             raise GrokError(f"{flag}: folder {str(path.parent)!r} does not exist")
     examples = args.demo and not args.prompt and args.prompt_file is None
     prompts = demo.example_prompts() if examples else _prompts(args)
-    # The checks `Grok.run` makes, before the load rather than after it.
-    for i, prompt in enumerate(prompts):
-        make_request(config, tokenizer, prompt, GenerationSettings(**settings),
-                     label=f"prompt {i}")
+    # The checks `Grok.run` makes, and the memory its engine will take, before the load
+    # rather than after it.
+    requests = [make_request(config, tokenizer, prompt, GenerationSettings(**settings),
+                             label=f"prompt {i}") for i, prompt in enumerate(prompts)]
+    max_batch, max_seq_len = run_shape(config, requests)
+    check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, max_batch,
+                        max_seq_len), mesh, name=model_name(args))
     if args.demo:
         print(demo.BANNER, file=err)
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                      mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
-                     verify=args.verify)
+                     verify=args.verify, layers=args.layers)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
-    run = grok.run(prompts, log=lambda line: print(line, file=err, flush=True), **settings)
+    run = grok.run(prompts, **settings)
+    # Compiled first, behind one progress line: on the real model each program takes a while.
+    before, hits, start = run.engine.compile_count, compilation.cache_hits(), time.perf_counter()
+    run.engine.warmup(run.programs(), progress=ProgressLine("compiling", stream=err))
+    new, loaded = run.engine.compile_count - before, compilation.cache_hits() - hits
+    print(f"{_plural(new - loaded, 'program')} compiled, {loaded} loaded from the compilation "
+          f"cache, in {time.perf_counter() - start:.1f} s", file=err)
+    run.engine.log = lambda line: print(line, file=err, flush=True)  # any the run still needs
     if args.json or examples:
         for _ in run:
             pass

@@ -25,6 +25,7 @@ import re
 import sys
 
 import jax
+import numpy as np
 
 from grok.errors import GrokError
 
@@ -133,3 +134,13 @@ def main_only(*streams):
         return tuple(sys.stdout if _replaced_stdout is not None and s is _replaced_stdout
                      else s for s in streams)
     return tuple(_Discard() for _ in streams)
+
+
+def agree(value: int) -> int:
+    """Process 0's `value` on every process (itself in a single-process run): for choices
+    each process makes from its own view (free memory, say) that must come out alike."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -1,8 +1,11 @@
-"""Key/value cache: per-layer keys and values plus per-sequence lengths.
+"""Key/value cache: every layer's keys and values in two stacked arrays, plus per-sequence
+lengths.
 
 Each sequence of a batch has its own length, so prompts of different lengths decode
 together: a sequence's new tokens go to positions `lengths[b]...`, RoPE uses those
-positions, and it attends only to its own filled, non-pad slots.
+positions, and it attends only to its own filled, non-pad slots. The layers share one
+array ([L, B, S, K, C]) so that a scan over layers carries the cache and updates it in
+place: each layer writes its new rows into its own slice, and no layer's cache is copied.
 """
 
 from __future__ import annotations
@@ -15,16 +18,12 @@ import jax.numpy as jnp
 from grok.config import GrokConfig
 
 
-class LayerCache(NamedTuple):
-    k: jax.Array  # [B, S, K, C] bf16
-    v: jax.Array  # [B, S, K, C] bf16
-
-
 class KVCache(NamedTuple):
     """A forward pass over tokens [B, T] uses the first B rows; the cache may hold more
     (the engine's decode state runs only the slots in use)."""
 
-    layers: tuple[LayerCache, ...]
+    k: jax.Array  # [L, B, S, K, C]
+    v: jax.Array  # [L, B, S, K, C]
     lengths: jax.Array  # [B] int32: slots filled so far (the next token's position)
     key_valid: jax.Array  # [B, S] bool: slot holds a non-pad token (the release masks pads)
 
@@ -37,11 +36,9 @@ def init_cache(config: GrokConfig, batch_size: int, max_len: int | None = None,
                dtype=jnp.bfloat16) -> KVCache:
     """An empty cache of `max_len` slots (default: the model's context length)."""
     max_len = config.sequence_len if max_len is None else max_len
-    shape = (batch_size, max_len, config.num_kv_heads, config.key_size)
-    layers = tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-                   for _ in range(config.num_layers))
-    return KVCache(layers, jnp.zeros((batch_size,), jnp.int32),
-                   jnp.zeros((batch_size, max_len), bool))
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.key_size)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size, max_len), bool))
 
 
 def write_rows(buffer: jax.Array,  # [B0, S, ...]
@@ -57,3 +54,23 @@ def write_rows(buffer: jax.Array,  # [B0, S, ...]
     rows = jnp.arange(b)[:, None]  # [B, 1]
     slots = starts[:, None] + jnp.arange(t)[None, :]  # [B, T]
     return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+def write_layer(buffer: jax.Array,  # [L, B0, S, K, C]
+                layer: int | jax.Array,  # static, or the scan's traced index
+                new: jax.Array,  # [B, T, K, C]
+                starts: jax.Array,  # [B] int32
+                ) -> jax.Array:
+    """`write_rows` into layer `layer` of a stacked cache, in place."""
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    slots = starts[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+def read_layer(buffer: jax.Array,  # [L, B0, S0, K, C]
+               layer: int | jax.Array,
+               rows: int, slots: int) -> jax.Array:  # -> [rows, slots, K, C]
+    """The first `rows` x `slots` of layer `layer`: what attention reads."""
+    _, _, _, k, c = buffer.shape
+    return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, slots, k, c))[0]

@@ -28,7 +28,8 @@ from jax.sharding import Mesh
 
 from grok import moe
 from grok.config import ATTN_SOFT_CAP, RMS_NORM_EPS, ROPE_BASE, GrokConfig
-from grok.kv_cache import KVCache, LayerCache, write_rows
+from grok.kv_cache import KVCache, read_layer, write_layer, write_rows
+from grok.layers import check_layer_mode
 from grok.quant import QuantizedWeight8bit, map_params, qdot, release_groups
 from grok.sharding import REPLICATED_SPEC, RESIDUAL_SPEC, constrain
 
@@ -105,12 +106,14 @@ class Attention(hk.Module):
         super().__init__(name="multi_head_attention")
         self.config = config
 
-    def __call__(self, x, positions, key_mask, kv: LayerCache | None, starts):
+    def __call__(self, x, positions, key_mask, kv: tuple[jax.Array, jax.Array] | None,
+                 layer: int | jax.Array, starts):
         """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
 
-        Without a cache the keys are the T new tokens (S = T). With one, the new keys and
-        values are written at slot `starts[b]` of each row, and the first S slots (S from
-        key_mask: the filled part of the cache, bucketed) are attended.
+        Without a cache the keys are the T new tokens (S = T). With one (every layer's keys
+        and values, [L, B0, S0, K, C] each), the new keys and values are written at slot
+        `starts[b]` of each row of layer `layer`, and its first S slots (S from key_mask:
+        the filled part of the cache, bucketed) are attended.
         """
         cfg = self.config
         b, t, _ = x.shape
@@ -122,9 +125,9 @@ class Attention(hk.Module):
         k = apply_rope(k, positions)  # [B, T, K, C]
 
         if kv is not None:
-            kv = LayerCache(write_rows(kv.k, k, starts), write_rows(kv.v, v, starts))
+            kv = (write_layer(kv[0], layer, k, starts), write_layer(kv[1], layer, v, starts))
             s = key_mask.shape[-1]
-            k, v = kv.k[:b, :s], kv.v[:b, :s]  # [B, S, K, C]
+            k, v = (read_layer(a, layer, b, s) for a in kv)  # [B, S, K, C]
 
         q = q.reshape(b, t, k_heads, r, c)
         logits = jnp.einsum("btkrc,bskc->bkrts", q, k, preferred_element_type=jnp.float32)
@@ -157,12 +160,15 @@ class MoE(hk.Module):
         self.config = config
         self.strategy = strategy
 
-    def __call__(self, x, router_w):  # x [B, T, D]
+    def __call__(self, x, router_w, experts: tuple | None = None):  # x [B, T, D]
+        """`experts`: (w_gelu, w_up, w_down) of this layer, where a scan over layers
+        passes them in (`moe.LayerExperts`); by default the module's own parameters."""
         cfg = self.config
         e, d, f = cfg.num_experts, cfg.emb_size, cfg.ffn_size
-        w_gelu = _Weight((e, d, f), name="linear")()
-        w_up = _Weight((e, d, f), name="linear_v")()
-        w_down = _Weight((e, f, d), name="linear_1")()
+        if experts is None:
+            experts = (_Weight((e, d, f), name="linear")(), _Weight((e, d, f), name="linear_v")(),
+                       _Weight((e, f, d), name="linear_1")())
+        w_gelu, w_up, w_down = experts
         b, t, _ = x.shape
         tokens = x.reshape(b * t, d)  # [N, D]
         router_logits = jnp.dot(tokens.astype(jnp.float32), router_w.astype(jnp.float32),
@@ -176,42 +182,69 @@ class MoE(hk.Module):
         return out.reshape(b, t, d), routing
 
 
-class DecoderLayer(hk.Module):
-    def __init__(self, config: GrokConfig, index: int, moe_strategy: str):
-        super().__init__(name=f"decoder_layer_{index}")
-        self.config = config
-        self.moe_strategy = moe_strategy
-
-    def __call__(self, h, positions, key_mask, kv, starts):  # h [B, T, D]
-        cfg = self.config
-        a, kv = Attention(cfg)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, starts)
-        h = h + RMSNorm(name="rms_norm_1")(a)
-        router_w = _Weight((cfg.emb_size, cfg.num_experts), name="router")()
-        m, routing = MoE(cfg, self.moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w)
-        return h + RMSNorm(name="rms_norm_3")(m), kv, routing
+def decoder_layer(config: GrokConfig, moe_strategy: str, h, positions, key_mask, kv,
+                  layer: int | jax.Array, starts, experts: tuple | None = None):
+    """One decoder layer on the residual stream h [B, T, D]; its modules are named relative
+    to the caller's scope (`decoder_layer_{i}` unrolled, the stack's `decoder_layer`)."""
+    a, kv = Attention(config)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, layer,
+                              starts)
+    h = h + RMSNorm(name="rms_norm_1")(a)
+    router_w = _Weight((config.emb_size, config.num_experts), name="router")()
+    m, routing = MoE(config, moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w, experts)
+    return h + RMSNorm(name="rms_norm_3")(m), kv, routing
 
 
 class Transformer(hk.Module):
-    """The decoder stack (module path `transformer`)."""
+    """The decoder stack (module path `transformer`), scanned or unrolled (`grok.layers`).
 
-    def __init__(self, config: GrokConfig, moe_strategy: str, mesh: Mesh | None):
+    `unroll` (scan only) runs that many layers per loop iteration: fewer iterations, a
+    larger program.
+    """
+
+    def __init__(self, config: GrokConfig, moe_strategy: str, mesh: Mesh | None,
+                 layers: str = "unrolled", unroll: int = 1):
         super().__init__(name="transformer")
         self.config = config
         self.moe_strategy = moe_strategy
         self.mesh = mesh
+        self.layers = check_layer_mode(layers)
+        self.unroll = unroll
 
     def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
-        """The residual stream after every layer, the new cache layers, and the routing
-        of every layer stacked on a layer axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
-        new_layers, routings = [], []
-        for i in range(self.config.num_layers):
-            kv = None if cache is None else cache.layers[i]
-            h, kv, routing = DecoderLayer(self.config, i, self.moe_strategy)(
-                h, positions, key_mask, kv, starts)
-            h = constrain(h, self.mesh, RESIDUAL_SPEC)
-            new_layers.append(kv)
+        """The residual stream after every layer, the new keys and values ([L, B, S, K, C]
+        each, or None without a cache), and the routing of every layer stacked on a layer
+        axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
+        cfg, mesh = self.config, self.mesh
+        kv = None if cache is None else (cache.k, cache.v)
+        stacked_experts = None
+        if self.layers == "scan":  # [L, E, ...], outside the scanned body: see grok.layers
+            shape_in = (cfg.num_layers, cfg.num_experts, cfg.emb_size, cfg.ffn_size)
+            shape_out = (cfg.num_layers, cfg.num_experts, cfg.ffn_size, cfg.emb_size)
+            with hk.name_scope("moe"):
+                stacked_experts = (_Weight(shape_in, name="linear")(),
+                                   _Weight(shape_in, name="linear_v")(),
+                                   _Weight(shape_out, name="linear_1")())
+
+        def layer(carry, index):
+            h, kv = carry
+            experts = None if stacked_experts is None else tuple(
+                moe.LayerExperts(w, index) for w in stacked_experts)
+            h, kv, routing = decoder_layer(cfg, self.moe_strategy, h, positions, key_mask, kv,
+                                           index, starts, experts)
+            return (constrain(h, mesh, RESIDUAL_SPEC), kv), routing
+
+        if self.layers == "scan":
+            stack = hk.layer_stack(cfg.num_layers, with_per_layer_inputs=True,
+                                   unroll=self.unroll, name="decoder_layer")
+            (h, kv), routing = stack(layer)((h, kv), jnp.arange(cfg.num_layers))
+            routing = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), routing)
+            return h, kv, routing
+        routings = []
+        for i in range(cfg.num_layers):
+            with hk.name_scope(f"decoder_layer_{i}"):
+                (h, kv), routing = layer((h, kv), i)
             routings.append(routing)
-        return h, new_layers, jax.tree.map(lambda *xs: jnp.stack(xs, axis=2), *routings)
+        return h, kv, jax.tree.map(lambda *xs: jnp.stack(xs, axis=2), *routings)
 
 
 class InOutEmbed(hk.Module):
@@ -275,7 +308,7 @@ class LanguageModel(hk.Module):
         # by batch (a direct reshuffle is one XLA can only do by replicating anyway).
         h = constrain(embed.embed(tokens), mesh, REPLICATED_SPEC)  # [B, T, D]
         h = constrain(h * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
-        h, layers, routing = self.transformer(h, positions, key_mask, cache, starts)
+        h, kv, routing = self.transformer(h, positions, key_mask, cache, starts)
         h = RMSNorm(name="rms_norm")(h)
         logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
 
@@ -283,37 +316,40 @@ class LanguageModel(hk.Module):
             new_cache = None
         else:
             num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-            new_cache = KVCache(tuple(layers), cache.lengths.at[:b].add(num_new),
+            new_cache = KVCache(*kv, cache.lengths.at[:b].add(num_new),
                                 cache.key_valid.at[:b].set(key_valid))
         return (logits, new_cache, routing) if with_routing else (logits, new_cache)
 
 
-def build(config: GrokConfig, moe_strategy: str = "sparse",
-          mesh: Mesh | None = None) -> hk.Transformed:
+def build(config: GrokConfig, moe_strategy: str = "sparse", mesh: Mesh | None = None,
+          layers: str = "unrolled", unroll: int = 1) -> hk.Transformed:
     """The transformed model: `apply(params, tokens, cache=None, num_new=None,
-    attend_len=None, with_routing=False)`.
+    attend_len=None, with_routing=False)`, for parameters of the `layers` tree
+    (`grok.layers`).
 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """
     def forward(tokens, cache=None, num_new=None, attend_len=None, with_routing=False):
-        transformer = Transformer(config, moe_strategy, mesh)
+        transformer = Transformer(config, moe_strategy, mesh, layers, unroll)
         return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len,
                                                   with_routing)
     return hk.without_apply_rng(hk.transform(forward))
 
 
-def init_params(config: GrokConfig, rng) -> dict:
-    """Random float32 parameters with the release's tree (for tests and new checkpoints)."""
-    return build(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+def init_params(config: GrokConfig, rng, layers: str = "unrolled") -> dict:
+    """Random float32 parameters (for tests and new checkpoints); `unrolled` is the
+    release's tree."""
+    return build(config, layers=layers).init(rng, jnp.zeros((1, 1), jnp.int32))
 
 
-def abstract_params(config: GrokConfig, quantized: bool = True) -> dict:
+def abstract_params(config: GrokConfig, quantized: bool = True,
+                    layers: str = "unrolled") -> dict:
     """The parameter tree as `jax.ShapeDtypeStruct`s, never allocated.
 
     With `quantized`, the tensors the release stores in 8 bits are `QuantizedWeight8bit`s
     of int8 weights and bf16 scales with the release's grouping.
     """
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), layers))
     if not quantized:
         return shapes
 

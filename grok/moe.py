@@ -20,6 +20,8 @@ Three ways to get there, equal up to bf16 rounding order:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -42,8 +44,39 @@ def _ffn(x, w_gelu, w_up, w_down):
     return qdot("mf,fd->md", h, w_down)
 
 
+class LayerExperts(NamedTuple):
+    """One layer's experts inside a scan over layers: the weight of every layer [L, E, ...]
+    (an array, 8-bit weight or `ExpertWeights` with axis 1) and the traced layer index.
+    An expert is read straight from the stack at (layer, expert): the layer's other
+    experts are never sliced out, let alone copied."""
+
+    stack: Any
+    layer: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.shape[1:])
+
+
+def num_experts(w) -> int:
+    return w.shape[0]
+
+
+def _layer_slice(a, layer, e):
+    """a[layer, e] of a stacked [L, E, ...] array as one dynamic slice."""
+    starts = (layer, e, *(0,) * (a.ndim - 2))
+    return jax.lax.dynamic_slice(a, starts, (1, 1, *a.shape[2:]))[0, 0]
+
+
 def _expert(w, e):
-    """Expert e's weight from a stacked [E, ...] weight or `ExpertWeights` (e static)."""
+    """Expert e's weight (e static) from a stacked [E, ...] weight, `ExpertWeights`, or
+    one layer of a stack (`LayerExperts`)."""
+    if isinstance(w, LayerExperts):
+        if isinstance(w.stack, ExpertWeights):
+            return jax.tree.map(
+                lambda a: jax.lax.dynamic_index_in_dim(a, w.layer, keepdims=False),
+                w.stack.experts[e])
+        return jax.tree.map(lambda a: _layer_slice(a, w.layer, e), w.stack)
     if isinstance(w, ExpertWeights):
         return w.experts[e]
     return jax.tree.map(lambda a: a[e], w)
@@ -51,16 +84,23 @@ def _expert(w, e):
 
 def _indexed(w, e):
     """Expert e's slice of a stacked weight, e traced; reads nothing of the others."""
+    if isinstance(w, LayerExperts):
+        return jax.tree.map(lambda a: _layer_slice(a, w.layer, e), w.stack)
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False), w)
+
+
+def _split(w) -> bool:
+    """Whether experts are separate buffers (`ExpertWeights`), picked by a switch."""
+    return isinstance(w.stack if isinstance(w, LayerExperts) else w, ExpertWeights)
 
 
 def expert_ffn(e, x, w_gelu, w_up, w_down):
     """Expert e (a traced index) on rows x [M, D], reading only that expert's weights:
     a switch over separately stored experts, or a dynamic slice of stacked ones."""
-    if isinstance(w_gelu, ExpertWeights):
+    if _split(w_gelu):
         branches = [lambda rows, i=i: _ffn(rows, _expert(w_gelu, i), _expert(w_up, i),
                                            _expert(w_down, i))
-                    for i in range(len(w_gelu.experts))]
+                    for i in range(num_experts(w_gelu))]
         return jax.lax.switch(e, branches, x)
     return _ffn(x, _indexed(w_gelu, e), _indexed(w_up, e), _indexed(w_down, e))
 
@@ -68,7 +108,7 @@ def expert_ffn(e, x, w_gelu, w_up, w_down):
 def dense(x, gates, chosen, w_gelu, w_up, w_down):
     """x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D]."""
     out = jnp.stack([_ffn(x, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e))
-                     for e in range(w_gelu.shape[0])], axis=1)  # [N, E, D]
+                     for e in range(num_experts(w_gelu))], axis=1)  # [N, E, D]
     picked = jnp.take_along_axis(out, chosen[:, :, None], axis=1)  # [N, X, D]
     return combine(picked, gates)
 
@@ -83,7 +123,7 @@ def per_expert(x, gates, chosen, w_gelu, w_up, w_down):
     """
     n, num_chosen = chosen.shape
     picked = jnp.zeros((n, num_chosen, x.shape[1]), x.dtype)  # [N, X, D]
-    for e in range(w_gelu.shape[0]):
+    for e in range(num_experts(w_gelu)):
         hit = chosen == e  # [N, X]
         out = jax.lax.cond(
             jnp.any(hit),
@@ -97,14 +137,14 @@ def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
     """Copies sorted by expert into tiles of `tile` rows, one expert per tile."""
     n, d = x.shape
     num_chosen = chosen.shape[1]
-    num_experts = w_gelu.shape[0]
+    experts = num_experts(w_gelu)
     copies = n * num_chosen
     expert_of_copy = chosen.reshape(-1)  # [N*X]
     order = jnp.argsort(expert_of_copy, stable=True)  # copies grouped by expert
     sorted_expert = expert_of_copy[order]
 
     # Each expert's group is padded to whole tiles; `slot` is a sorted copy's row there.
-    counts = jnp.bincount(expert_of_copy, length=num_experts)  # [E]
+    counts = jnp.bincount(expert_of_copy, length=experts)  # [E]
     tiles_per_expert = -(-counts // tile)
     tile_end = jnp.cumsum(tiles_per_expert)  # [E]: first tile after expert e's
     first_tile = tile_end - tiles_per_expert
@@ -112,11 +152,11 @@ def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
     slot = first_tile[sorted_expert] * tile + rank  # [N*X]
 
     # Enough tiles for any routing: full tiles plus one partial tile per expert.
-    num_tiles = -(-copies // tile) + num_experts
+    num_tiles = -(-copies // tile) + experts
     source = jnp.full((num_tiles * tile,), n).at[slot].set(order // num_chosen)
     rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[source]  # row n: padding
     tile_expert = jnp.minimum(
-        jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), num_experts - 1)
+        jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), experts - 1)
     used = jnp.arange(num_tiles) < tile_end[-1]
 
     def run_tile(args):
@@ -134,11 +174,10 @@ def sparse(x, gates, chosen, w_gelu, w_up, w_down):
     """Only the chosen experts' work: per expert on all rows while there are no more copies
     than experts (each expert read at most once either way), tiles by expert beyond that."""
     copies = chosen.size
-    num_experts = w_gelu.shape[0]
-    if copies <= num_experts:
+    if copies <= num_experts(w_gelu):
         return per_expert(x, gates, chosen, w_gelu, w_up, w_down)
     # Aim for about one tile per expert group, within [8, 128] rows.
-    tile = int(min(128, max(8, 1 << (-(-copies // num_experts) - 1).bit_length())))
+    tile = int(min(128, max(8, 1 << (-(-copies // num_experts(w_gelu)) - 1).bit_length())))
     return grouped(x, gates, chosen, w_gelu, w_up, w_down, tile=tile)
 
 

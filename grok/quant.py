@@ -8,6 +8,7 @@ divides K works here, whatever the mesh.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok.errors import GrokError
+from grok.layers import is_stacked
 
 
 @jax.tree_util.register_pytree_node_class
@@ -54,26 +56,28 @@ class ExpertWeights:
 
     XLA:CPU copies a dynamically indexed slice of a stacked weight before the dot that
     reads it (measured: 5x the time of reading the expert in place), so on CPU each expert
-    keeps its own buffer and the computation picks one with `lax.switch`.
+    keeps its own buffer and the computation picks one with `lax.switch`. `axis` is where
+    the expert axis sits in the logical shape: 0, or 1 behind a stacked layer axis.
     """
 
-    def __init__(self, experts):
+    def __init__(self, experts, axis: int = 0):
         self.experts = tuple(experts)
+        self.axis = axis
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.experts), *self.experts[0].shape)
+        inner = tuple(self.experts[0].shape)
+        return (*inner[:self.axis], len(self.experts), *inner[self.axis:])
 
     def tree_flatten(self):
-        return self.experts, None
+        return self.experts, self.axis
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(children)
+    def tree_unflatten(cls, axis, children):
+        return cls(children, axis)
 
     def __repr__(self) -> str:
-        return f"ExpertWeights({len(self.experts)} x {self.experts[0]!r})"
+        return f"ExpertWeights({len(self.experts)} x {self.experts[0]!r}, axis={self.axis})"
 
 
 def _describe(x) -> str:
@@ -185,27 +189,78 @@ def storage_dtype(platform: str):
     return jnp.float32 if platform == "cpu" else jnp.bfloat16
 
 
+def _to_float(path: str, value, mode: str) -> bool:
+    return (is_quantized(value) and mode == "dequantized") \
+        or path.endswith("in_out_embed/embeddings")
+
+
+def _expert_axis(path: str) -> int | None:
+    """The expert axis of a stacked expert weight (1 behind a stacked layer axis)."""
+    if not re.search(r"/moe/linear(_v|_1)?/w$", path):
+        return None
+    return 1 if is_stacked(path) else 0
+
+
+def _without_axis(sharding: jax.sharding.NamedSharding, ndim: int, axis: int):
+    spec = (*sharding.spec, *(None,) * (ndim - len(sharding.spec)))
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec(*spec[:axis], *spec[axis + 1:]))
+
+
+def stored_form(path: str, value, mode: str, float_dtype, split_experts: bool = False):
+    """What `store_params` makes of parameter `value` (arrays or `jax.ShapeDtypeStruct`s
+    with NamedShardings), as ShapeDtypeStructs with their shardings: the bytes a load
+    places, known before any is read."""
+    def abstract(a):
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+
+    if _to_float(path, value, mode):
+        placed = value.weight if is_quantized(value) else value
+        value = jax.ShapeDtypeStruct(placed.shape, float_dtype, sharding=placed.sharding)
+    else:
+        value = jax.tree.map(abstract, value)
+    axis = _expert_axis(path) if split_experts else None
+    if axis is None:
+        return value
+    return ExpertWeights((jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        a.shape[:axis] + a.shape[axis + 1:], a.dtype,
+        sharding=_without_axis(a.sharding, len(a.shape), axis)), value)
+        for _ in range(value.shape[axis])), axis)
+
+
+@functools.cache
+def _converter(to_float: bool, float_dtype, axis: int | None, shardings: tuple, treedef):
+    """One compiled conversion per kind and placement, shared by every layer's tensor."""
+    def convert(w):
+        if to_float:
+            w = dequantize(w, jnp.bfloat16).astype(float_dtype)
+        if axis is not None:
+            w = ExpertWeights((jax.tree.map(lambda a, i=i: jnp.take(a, i, axis=axis), w)
+                               for i in range(w.shape[axis])), axis)
+        return w
+    return jax.jit(convert, out_shardings=jax.tree.unflatten(treedef, shardings))
+
+
 def store_params(params, mode: str, float_dtype, split_experts: bool = False):
     """Converts loaded parameters for inference, same numbers either way.
 
     The embedding table becomes its bf16 values (the release casts it to bf16 at every
     use); with `mode="dequantized"` the 8-bit weights become their exact bf16 values too.
     Both are then held in `float_dtype`. Norms and the router stay float32. With
-    `split_experts`, stacked expert weights become `ExpertWeights`.
+    `split_experts`, stacked expert weights become `ExpertWeights`. Every result is placed
+    as `stored_form` says.
     """
     if mode not in WEIGHT_MODES:
         raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
-    to_float = jax.jit(lambda w: dequantize(w, jnp.bfloat16).astype(float_dtype))
-    split = jax.jit(lambda w: ExpertWeights(
-        jax.tree.map(lambda a, i=i: a[i], w) for i in range(w.shape[0])))
 
     def convert(path, value):
-        if (is_quantized(value) and mode == "dequantized") \
-                or path.endswith("in_out_embed/embeddings"):
-            value = to_float(value)
-        if split_experts and re.search(r"/moe/linear(_v|_1)?/w$", path):
-            value = split(value)
-        return value
+        to_float = _to_float(path, value, mode)
+        axis = _expert_axis(path) if split_experts else None
+        if not to_float and axis is None:
+            return value
+        target = stored_form(path, value, mode, float_dtype, split_experts)
+        shardings, treedef = jax.tree.flatten(jax.tree.map(lambda a: a.sharding, target))
+        return _converter(to_float, float_dtype, axis, tuple(shardings), treedef)(value)
     return map_params(convert, params)
 
 

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok.config import GrokConfig
 from grok.errors import GrokError
+from grok.layers import is_stacked
 
 DATA, MODEL = "data", "model"
 
@@ -37,7 +38,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 TOKENS_SPEC = P(DATA, None)  # [B, T]
 REPLICATED_SPEC = P()
 RESIDUAL_SPEC = P(DATA, None, None)  # [B, T, D]: rows split, width whole, as the release
-KV_SPEC = P(DATA, None, MODEL, None)  # [B, S, K, C]
+LAYERS_KV_SPEC = P(None, DATA, None, MODEL, None)  # [L, B, S, K, C]: all layers' keys
 
 
 def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:
@@ -90,10 +91,12 @@ def _axis_size(mesh: Mesh, axes) -> int:
 
 
 def rule_for(path: str) -> P:
-    """The partition spec of parameter `path`; an unmatched parameter is an error."""
+    """The partition spec of parameter `path`; an unmatched parameter is an error. A
+    stacked layer parameter [L, ...] keeps its layer axis whole: a scan reads each layer
+    on every device."""
     for pattern, spec in PARTITION_RULES:
         if re.search(pattern, path):
-            return spec
+            return P(None, *spec) if is_stacked(path) else spec
     raise ValueError(f"no partition rule matches parameter {path!r}")
 
 

@@ -18,6 +18,7 @@ import pytest
 from test_generate import NEW, P0, PA, PB, PE, assert_same_greedy
 
 from grok import Grok
+from grok.engine.engine import Buckets, Engine
 from grok.engine.request import GenerationSettings
 from grok.engine.rows import Row
 from grok.engine.scheduler import QueueFull, Scheduler
@@ -245,10 +246,32 @@ def test_warmup_compiles_every_step_a_request_can_need(grok):
     engine = grok.engine(2, 32)
     engine.warmup()
     count = engine.compile_count
-    assert count == 1 + 2 * 2 * 3  # init; (prefill, insert, decode) x 2 rows x 2 lengths
+    assert count == 1 + 2 * 2 * 2  # init; (prefill, decode) x 2 rows x 2 lengths
     sched = Scheduler(engine)
     for prompt, new in ((P0, 4), (PB + PA, 8), (PA, 20), ((PB + PA + P0)[:30], 2)):
         sched.submit(engine.make_request(prompt, settings(max_new_tokens=new)))
     while sched.has_work:
         sched.step()
     assert engine.compile_count == count
+
+
+def test_accelerator_bucket_policy(grok, solo):
+    """The policy accelerators use (floors on prompt and attention buckets, a token budget
+    for batched prefills), here with small numbers: fewer programs, and the scheduler
+    splits a bucket's prompts into prefills the budget allows, with the same tokens."""
+    engine = Engine(grok, 4, 64, buckets=Buckets(min_prompt=16, min_attend=32,
+                                                 prefill_tokens=32))
+    assert engine.prompt_buckets() == [16, 32, 64] and engine.attend_buckets() == [32, 64]
+    assert [engine.max_prefill_batch(n) for n in (16, 32, 64)] == [2, 1, 1]
+    assert engine.warmup_keys() == [
+        ("init",), ("prefill", 1, 16), ("prefill", 1, 32), ("prefill", 1, 64),
+        ("decode", 1, 32), ("decode", 1, 64), ("prefill", 2, 16), ("decode", 2, 32),
+        ("decode", 2, 64), ("decode", 4, 32), ("decode", 4, 64)]
+    done, running = run(engine, [(0, name, settings()) for name in ("P0", "PA", "PB")])
+    assert running[0] == 3  # three prompts of bucket 16 admitted at once, in two prefills
+    prefills = sorted(k for k in engine.programs() if k[0] == "prefill")
+    assert prefills == [("prefill", 1, 16), ("prefill", 2, 16)]
+    for name in ("P0", "PA", "PB"):
+        assert_same_greedy(done[name], solo[name])
+    with pytest.raises(GrokError, match="must be a power of two"):
+        Buckets(min_prompt=100, min_attend=32, prefill_tokens=None)

@@ -405,7 +405,7 @@ def test_bad_input_is_a_clear_error(grok, prompt, settings, message):
 
 
 def test_text_needs_a_tokenizer(grok):
-    bare = Grok(grok.config, grok.params, grok.mesh)
+    bare = Grok(grok.config, grok.params, grok.mesh, layers=grok.layers)
     with pytest.raises(ValueError, match="text prompts need a tokenizer"):
         bare.generate("The answer", max_new_tokens=NEW)
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):

@@ -48,7 +48,8 @@ def traced_forward(grok, tokens):
 
     fn = jax.jit(hk.without_apply_rng(hk.transform(forward)).apply)
     routing, captured = fn(grok.params, jnp.asarray(tokens))
-    inputs = [(np.asarray(x, np.float64), np.asarray(w, np.float64)) for x, w in captured]
+    inputs = [(np.asarray(x, np.float64), np.asarray(w, np.float64))
+              for x, w, *_ in captured]
     return routing, inputs
 
 
@@ -79,7 +80,9 @@ def test_trace_marks_pad_tokens_and_does_not_depend_on_the_batch(grok):
     alone = grok.routing([P0])
     padded = grok.routing([[*P0, 0, 0], PB[:7]])
     np.testing.assert_array_equal(padded.experts[0, :5], alone.experts[0])
-    np.testing.assert_array_equal(padded.gates[0, :5], alone.gates[0])
+    # The router's float32 dot may sum in another order for another batch (XLA:CPU blocks
+    # it by shape), which moves a gate by a float32 ulp or two, never more.
+    np.testing.assert_allclose(padded.gates[0, :5], alone.gates[0], rtol=1e-6, atol=0)
     assert (padded.experts[0, 5:] == -1).all() and (padded.gates[0, 5:] == 0).all()
     assert (padded.experts[1] >= 0).all()
 
@@ -145,7 +148,7 @@ def test_reset_and_switch_off(grok, fixture_dir):
     grok.reset_expert_usage()
     usage = grok.expert_usage()
     assert usage.prefill_tokens == usage.decode_tokens == 0 and usage.prefill.sum() == 0
-    off = Grok(grok.config, grok.params, grok.mesh, expert_stats=False)
+    off = Grok(grok.config, grok.params, grok.mesh, expert_stats=False, layers=grok.layers)
     c = off.generate(P0, max_new_tokens=NEW, temperature=0)
     assert off.expert_usage().prefill.sum() == 0
     assert c.output_ids == grok.generate(P0, max_new_tokens=NEW, temperature=0).output_ids

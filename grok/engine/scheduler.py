@@ -29,7 +29,7 @@ class QueueFull(Exception):
 class Stats:
     """Work done since the scheduler was made."""
 
-    prefill_s: float = 0.0  # prefill and insert, until the first draws are on the host
+    prefill_s: float = 0.0  # prefills into slots, until the first draws are on the host
     prefill_tokens: int = 0
     decode_s: float = 0.0
     decode_tokens: int = 0  # tokens drawn by decode steps (not counting first tokens)
@@ -128,19 +128,23 @@ class Scheduler:
     def _admit(self, events: list[Event]) -> None:
         free = [s for s in range(self.engine.slots) if self._rows[s] is None]
         taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
-        # One prefill per prompt-length bucket, so a long prompt does not pad short ones.
-        groups: dict[int, list[tuple[int, Request]]] = {}
+        # One prefill per prompt-length bucket, so a long prompt does not pad short ones,
+        # of at most the prompts the engine batches at that length.
+        buckets: dict[int, list[tuple[int, Request]]] = {}
         for rid, request in taken:
             key = self.engine.prompt_bucket(len(request.prompt_ids))
-            groups.setdefault(key, []).append((rid, request))
+            buckets.setdefault(key, []).append((rid, request))
+        groups = [members[i:i + self.engine.max_prefill_batch(length)]
+                  for length, members in buckets.items()
+                  for i in range(0, len(members), self.engine.max_prefill_batch(length))]
         tokenizer = self.engine.grok.tokenizer
         eos = self.engine.config.eos_token
-        for group in groups.values():
+        for group in groups:
             start = self._clock()
             slots = free[: len(group)]
             free = free[len(group):]
-            prefix, first = self.engine.prefill([request for _, request in group])
-            self._state = self.engine.insert(prefix, self._state, slots)
+            self._state, first = self.engine.prefill([request for _, request in group],
+                                                     self._state, slots)
             self.stats = dataclasses.replace(
                 self.stats, prefill_s=self.stats.prefill_s + self._clock() - start,
                 prefill_tokens=self.stats.prefill_tokens

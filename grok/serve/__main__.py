@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from grok import cli, compilation, demo, distributed, sharding
@@ -25,6 +26,8 @@ from grok.errors import GrokError
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
+CPU_MAX_BATCH = 8
+AUTO = cli.AUTO
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    s.add_argument("--max-batch", type=int, default=8,
-                   help="sequences decoded together: the KV-cache slots (default: %(default)s)")
+    s.add_argument("--max-batch", type=cli.max_batch_arg,
+                   help="sequences decoded together: the KV-cache slots, or 'auto': the most "
+                        "that fit --memory-fraction at --max-seq-len, after the weights and "
+                        "the largest step's temporaries (default: auto on accelerators, "
+                        f"{CPU_MAX_BATCH} on CPU)")
+    s.add_argument("--memory-fraction", type=float, default=0.9,
+                   help="share of each device's memory the run may use, for --max-batch auto "
+                        "and the check before loading (default: %(default)s)")
     s.add_argument("--max-seq-len", type=int,
                    help="positions per slot, prompt plus new tokens (default: the model's "
                         "context)")
@@ -62,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check(args) -> tuple:
     """Everything a user can get wrong, before the model loads."""
-    for name, low in (("max_batch", 1), ("max_queue", 0), ("port", 0)):
+    for name, low in (("max_queue", 0), ("port", 0)):
         if getattr(args, name) < low:
             raise GrokError(f"--{name.replace('_', '-')} must be at least {low}, got "
                             f"{getattr(args, name)}")
@@ -73,8 +82,19 @@ def _check(args) -> tuple:
     if args.max_seq_len is not None and not 2 <= args.max_seq_len <= config.sequence_len:
         raise GrokError(f"--max-seq-len must be in [2, {config.sequence_len}] (the model's "
                         f"context), got {args.max_seq_len}")
+    if not 0 < args.memory_fraction <= 1:
+        raise GrokError(f"--memory-fraction must be in (0, 1], got {args.memory_fraction}")
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
-    sharding.check_mesh(config, sharding.make_mesh(args.mesh))
+    mesh = sharding.make_mesh(args.mesh)
+    sharding.check_mesh(config, mesh)
+    if args.max_batch is None:
+        args.max_batch = CPU_MAX_BATCH if mesh.devices.flat[0].platform == "cpu" else AUTO
+    from grok.plan.sizes import RunShape, check_fits
+
+    # With auto, at least one slot per data row must fit; the plan then takes the most.
+    least = mesh.shape[sharding.DATA] if args.max_batch == AUTO else args.max_batch
+    check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, least,
+                        args.max_seq_len), mesh, args.memory_fraction, cli.model_name(args))
     template = None
     if args.chat_template is not None:
         from grok.serve.chat import ChatTemplate
@@ -84,23 +104,36 @@ def _check(args) -> tuple:
     return config, tokenizer, template
 
 
-def _builder(args, config, tokenizer):
-    """The device thread's first job: load, make the engine, compile."""
+def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
+    """The device thread's first job: load, size the decode state, make the engine,
+    compile. `on_slots` is told the slots chosen."""
     def build():
         from grok.api import Grok
+        from grok.engine.progress import ProgressLine
 
         start = time.perf_counter()
         grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                          mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
-                         verify=args.verify)
+                         verify=args.verify, layers=args.layers)
         log.info("loaded in %.1f s on a %dx%d mesh", time.perf_counter() - start,
                  grok.mesh.shape["data"], grok.mesh.shape["model"])
-        engine = grok.engine(args.max_batch, args.max_seq_len or config.sequence_len,
-                             log=log.info)
+        max_seq_len = args.max_seq_len or config.sequence_len
+        slots = args.max_batch
+        if slots == AUTO:
+            from grok.plan.plan import most_slots
+
+            start = time.perf_counter()
+            slots = distributed.agree(most_slots(grok, max_seq_len, args.memory_fraction))
+            log.info("--max-batch auto: %d slots of %d positions fit %g of each device's "
+                     "memory (sized in %.1f s)", slots, max_seq_len, args.memory_fraction,
+                     time.perf_counter() - start)
+        engine = grok.engine(slots, max_seq_len)
+        on_slots(engine.slots)
         if args.warmup:
             start = time.perf_counter()
-            engine.warmup()
+            engine.warmup(progress=ProgressLine("warming up", write=log.info))
             log.info("warmed up in %.1f s", time.perf_counter() - start)
+        engine.log = log.info  # compiles after warmup: shapes it did not cover
         return engine
     return build
 
@@ -128,10 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 
     multi = distributed.requested(args)
     channel = BroadcastChannel(distributed.is_main_process()) if multi else None
-    admission = Admission(args.max_batch + args.max_queue)
-    metrics = Metrics(args.max_batch)
-    worker = Worker(_builder(args, config, tokenizer), admission=admission, metrics=metrics,
-                    channel=channel)
+    # Sized for real once the builder knows the slots; requests wait on /health until then.
+    admission = Admission(args.max_queue)
+    metrics = Metrics(0)
+
+    def on_slots(slots: int) -> None:
+        admission.capacity = slots + args.max_queue
+        metrics.slots.set(slots)
+
+    worker = Worker(_builder(args, config, tokenizer, on_slots), admission=admission,
+                    metrics=metrics, channel=channel)
     metrics.watch_routing(lambda: None if worker.engine is None
                           else worker.engine.grok.expert_usage())
     if not distributed.is_main_process():

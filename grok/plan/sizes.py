@@ -1,0 +1,183 @@
+"""Bytes per device of a run, from shapes and placements alone: what `Grok.load` will place
+and what the engine's decode state will hold, before a byte of either exists.
+
+The weights are the release's abstract tree (`model.abstract_params`), placed by the
+partition rules and converted as `quant.store_params` converts them (`stored_form`), so the
+figures are the ones a load really allocates (a test checks it); the decode state is the
+engine's own `state_shapes`. Run.py and the server check them against the devices' memory
+before reading the checkpoint, and `grok-plan` adds the compiled programs' temporaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from grok import model, sharding
+from grok.config import GrokConfig
+from grok.engine.engine import state_shapes
+from grok.errors import GrokError
+from grok.layers import check_layer_mode, default_layer_mode
+from grok.quant import (
+    WEIGHT_MODES,
+    QuantizedWeight8bit,
+    default_weight_mode,
+    is_quantized,
+    map_params,
+    storage_dtype,
+    stored_form,
+)
+
+GIB = 1 << 30
+
+
+def gib(n: float) -> str:
+    """Bytes for a person: GiB, or MiB below one GiB (small configs)."""
+    return f"{n / GIB:.1f} GiB" if abs(n) >= GIB else f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+    """What decides a run's memory: the model, the mesh and how weights and layers are held,
+    and the decode state's slots and positions. `weights` and `layers` None: the platform's
+    defaults, as `Grok.load` chooses them."""
+
+    config: GrokConfig
+    mesh_shape: tuple[int, int] | None = None
+    weights: str | None = None
+    layers: str | None = None
+    moe: str = "sparse"
+    max_batch: int = 8
+    max_seq_len: int | None = None
+
+    def __post_init__(self):
+        if self.weights is not None and self.weights not in WEIGHT_MODES:
+            raise GrokError(f"weights must be one of {list(WEIGHT_MODES)}, got "
+                            f"{self.weights!r:.40}")
+        if self.layers is not None:
+            check_layer_mode(self.layers)
+        for name in ("max_batch", "max_seq_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise GrokError(f"{name} must be a positive integer, got {value!r:.40}")
+        if self.max_seq_len is not None and self.max_seq_len > self.config.sequence_len:
+            raise GrokError(f"max_seq_len={self.max_seq_len} exceeds the model's context of "
+                            f"{self.config.sequence_len}")
+
+    def resolved(self, platform: str) -> RunShape:
+        """With the platform's defaults filled in."""
+        return dataclasses.replace(
+            self,
+            weights=self.weights or default_weight_mode(platform),
+            layers=self.layers or default_layer_mode(platform),
+            max_seq_len=self.max_seq_len or self.config.sequence_len)
+
+
+def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str) -> dict:
+    """The parameters `Grok.load` places for this config, mesh and modes, as
+    ShapeDtypeStructs with their shardings."""
+    platform = mesh.devices.flat[0].platform
+
+    def place(path, value):
+        def one(kind, a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.param_sharding(
+                mesh, path, kind, a.shape))
+        if is_quantized(value):
+            value = QuantizedWeight8bit(one("weight", value.weight),
+                                        one("scales", value.scales))
+        else:
+            value = one("value", value)
+        return stored_form(path, value, weights, storage_dtype(platform),
+                           split_experts=platform == "cpu")
+    return map_params(place, model.abstract_params(config, layers=layers))
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes the most loaded device holds of a tree of placed ShapeDtypeStructs (or
+    arrays): its shard of every leaf."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        nbytes = math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for device in leaf.sharding.device_set:
+            per_device[device] = per_device.get(device, 0) + nbytes
+    return max(per_device.values(), default=0)
+
+
+def device_memory(device: jax.Device) -> int | None:
+    """Bytes of memory a device offers, where the platform says: the allocator's limit on
+    accelerators, the host's memory shared by the local devices on CPU."""
+    if device.platform == "cpu":
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return pages // max(1, len([d for d in jax.local_devices() if d.platform == "cpu"]))
+    try:
+        stats = device.memory_stats()
+    except Exception:  # a platform without statistics (or a compile-only device)
+        return None
+    return None if not stats else stats.get("bytes_limit")
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Bytes per device of the weights and of the decode state."""
+
+    weights: int
+    state: int
+    cache: int  # of `state`: the keys and values, which grow with the positions
+    slots: int  # rows of the decode state (max_batch rounded to the data axis)
+    max_seq_len: int
+
+    @property
+    def resident(self) -> int:
+        return self.weights + self.state
+
+
+def footprint(shape: RunShape, mesh: Mesh) -> Footprint:
+    platform = mesh.devices.flat[0].platform
+    run = shape.resolved(platform)
+    params = stored_params(run.config, mesh, run.weights, run.layers)
+    slots = sharding.padded_batch(mesh, run.max_batch)
+    state = state_shapes(run.config, mesh, slots, run.max_seq_len)
+    return Footprint(bytes_per_device(params), bytes_per_device(state),
+                     bytes_per_device((state.cache.k, state.cache.v)), slots, run.max_seq_len)
+
+
+def check_fits(shape: RunShape, mesh: Mesh, memory_fraction: float = 0.9,
+               name: str = "the model") -> Footprint:
+    """Raises GrokError, naming what would fit, when the weights and the decode state
+    alone exceed `memory_fraction` of a device's memory; silent where the platform does
+    not say how much it has. For run.py and the server, before any weight is read."""
+    fp = footprint(shape, mesh)
+    memory = device_memory(mesh.devices.flat[0])
+    if memory is None:
+        return fp
+    usable = int(memory * memory_fraction)
+    if fp.resident <= usable:
+        return fp
+    run = shape.resolved(mesh.devices.flat[0].platform)
+    data, model_ways = mesh.shape[sharding.DATA], mesh.shape[sharding.MODEL]
+    where = f"on this {data}x{model_ways} mesh"
+    if fp.weights > usable:
+        devices = data * model_ways
+        need = devices * math.ceil(fp.weights / (usable * 0.8))  # room left for the cache
+        advice = (f"use at least {need} devices (or another --weights mode)" if need > devices
+                  else "use more devices")
+        raise GrokError(
+            f"{name} with {run.weights} weights needs {gib(fp.weights)} of weights per "
+            f"device {where}, "
+            f"more than {memory_fraction:.0%} of the {gib(memory)} each device has "
+            f"({gib(usable)}): {advice}")
+    per_slot = fp.state / fp.slots
+    slots = int((usable - fp.weights) // per_slot) // data * data
+    advice = (f"at most {slots} slots (--max-batch) fit at {run.max_seq_len} positions"
+              if slots >= 1 else "use more devices or a shorter --max-seq-len")
+    raise GrokError(
+        f"{name} with {run.weights} weights needs {gib(fp.weights)} of weights and "
+        f"{gib(fp.state)} of "
+        f"decode state ({fp.slots} slots x {run.max_seq_len} positions) per device {where}, "
+        f"more than {memory_fraction:.0%} of the {gib(memory)} each device has: {advice}")
