@@ -34,6 +34,7 @@ from grok import Grok, GrokConfig, model  # noqa: E402
 from grok.checkpoint import write_checkpoint  # noqa: E402
 from grok.cli import ArgumentParser  # noqa: E402
 from grok.errors import GrokError  # noqa: E402
+from grok.layers import LAYER_MODES  # noqa: E402
 from grok.quant import WEIGHT_MODES, map_params, quantize, release_groups  # noqa: E402
 
 # 4 layers, d=1024, 16/8 heads, 8 experts of 5464, vocab 32768: the figures in README.md.
@@ -144,11 +145,34 @@ def time_decode(grok: Grok, batch: int, prompt_len: int, steps: int,
 def time_compile(grok: Grok, batch: int, prompt_len: int) -> float:
     """Seconds to compile the engine's steps for `batch` prompts, with nothing
     compiled before (a new model object on the same weights)."""
-    fresh = Grok(grok.config, grok.params, grok.mesh, moe_strategy="sparse")
+    fresh = Grok(grok.config, grok.params, grok.mesh, moe_strategy="sparse", layers=grok.layers)
     fresh.generate(random_prompts(grok.config, batch, prompt_len, seed=batch),
                    max_new_tokens=2, temperature=0)
-    assert fresh.compile_count == 4, fresh.compile_count  # state, prefill, insert, decode
+    assert fresh.compile_count == 3, fresh.compile_count  # state, prefill, decode
     return fresh.compile_seconds
+
+
+def compare_layers(grok: Grok, checkpoint: Path, args) -> dict:
+    """Decode at batch 1 and 8 with the other layer mode (its own load of the weights),
+    alternating with `grok`'s, best of three each: the two in the same minutes of a shared
+    machine."""
+    other_mode = "scan" if grok.layers == "unrolled" else "unrolled"
+    log(f"decode ({other_mode} layers, alternating) ...")
+    other = Grok.load(checkpoint, grok.config, mesh_shape=tuple(grok.mesh.shape.values()),
+                      weights=args.weights, layers=other_mode)
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(3):
+        for loaded in (grok, other):
+            for b in (1, 8):
+                ms = time_decode(loaded, b, args.prompt_len, args.decode_steps, repeats=1)
+                best[loaded.layers, b] = min(best.get((loaded.layers, b), ms), ms)
+    out = {}
+    for b in (1, 8):
+        out[f"decode_ms_b{b}_{grok.layers}"] = round(best[grok.layers, b], 2)
+        out[f"decode_ms_b{b}_{other_mode}"] = round(best[other_mode, b], 2)
+        out[f"decode_b{b}_scan_over_unrolled"] = round(
+            best["scan", b] / best["unrolled", b], 3)
+    return out
 
 
 def _mesh(text: str | None) -> tuple[int, int] | None:
@@ -187,6 +211,11 @@ def run(argv=None) -> int:
                         help="prompt tokens for the decode figures (default: %(default)s)")
     parser.add_argument("--decode-steps", type=_positive, default=DECODE_STEPS,
                         help="decode steps timed (default: %(default)s)")
+    parser.add_argument("--layers", choices=LAYER_MODES, default=None,
+                        help="default: unrolled on CPU, else scan")
+    parser.add_argument("--compare-layers", action="store_true",
+                        help="also time decode with the other layer mode, on its own copy of "
+                             "the weights, alternating with this one")
     parser.add_argument("--compile-only", action="store_true",
                         help="only the compile times per batch size")
     args = parser.parse_args(argv)
@@ -213,7 +242,8 @@ def run(argv=None) -> int:
         log("loading ...")
         start = time.perf_counter()
         try:
-            grok = Grok.load(checkpoint, config, mesh_shape=mesh, weights=args.weights)
+            grok = Grok.load(checkpoint, config, mesh_shape=mesh, weights=args.weights,
+                             layers=args.layers)
         except ValueError as e:  # a mesh or checkpoint that does not fit
             raise GrokError(str(e)) from None
         jax.block_until_ready(grok.params)
@@ -234,7 +264,7 @@ def run(argv=None) -> int:
         sparse = {b: time_decode(grok, b, args.prompt_len, args.decode_steps) for b in (1, 8)}
         compile_s = grok.compile_seconds
         log("decode (sparse, expert statistics off) ...")
-        quiet = Grok(config, grok.params, grok.mesh, expert_stats=False)
+        quiet = Grok(config, grok.params, grok.mesh, expert_stats=False, layers=grok.layers)
         stats_off = {b: time_decode(quiet, b, args.prompt_len, args.decode_steps)
                      for b in (1, 8)}
         # Once more with them on, right after, so that drift on a shared machine does not
@@ -242,9 +272,11 @@ def run(argv=None) -> int:
         sparse = {b: min(sparse[b], time_decode(grok, b, args.prompt_len, args.decode_steps))
                   for b in (1, 8)}
         log("decode (dense) ...")
-        dense_grok = Grok(config, grok.params, grok.mesh, moe_strategy="dense")
+        dense_grok = Grok(config, grok.params, grok.mesh, moe_strategy="dense",
+                          layers=grok.layers)
         dense = {b: time_decode(dense_grok, b, args.prompt_len, args.decode_steps)
                  for b in (1, 8)}
+        layers = compare_layers(grok, checkpoint, args) if args.compare_layers else {}
 
     log("memory bandwidth ...")
     bandwidth = memory_bandwidth_gbs()
@@ -280,6 +312,8 @@ def run(argv=None) -> int:
         "active_read_ms": round(read_ms, 2),
         "decode_b1_over_read_time": round(sparse[1] / read_ms, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "layers": grok.layers,
+        **layers,
     }
     print(json.dumps(figures, indent=1))
     return 0

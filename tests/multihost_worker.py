@@ -5,8 +5,8 @@ test_multihost.py, one per simulated host):
         --process-id I FIXTURE OUT_DIR
 
 Loads the fixture on a 2x4 mesh spanning all processes, counting the bytes this process
-reads, then computes the reference logits and a greedy continuation; writes them to
-OUT_DIR/process_I.npz.
+reads, then computes the reference logits and a greedy continuation, with unrolled and with
+scanned layers; writes them to OUT_DIR/process_I.npz.
 """
 
 import argparse
@@ -73,9 +73,17 @@ def main() -> None:
     grok = Grok.load(args.fixture, config, mesh_shape=MESH)
     logits = grok.logits(reference["tokens"])
     greedy = grok.generate(reference["prompt_ids"], max_new_tokens=NEW_TOKENS, temperature=0)
+    del grok
+    # Scanned layers: each process assembles its share of every stacked array.
+    scan = Grok.load(args.fixture, config, mesh_shape=MESH, layers="scan")
+    scan_logits = scan.logits(reference["tokens"])
+    scan_greedy = scan.generate(reference["prompt_ids"], max_new_tokens=NEW_TOKENS,
+                                temperature=0)
     np.savez(args.out / f"process_{jax.process_index()}.npz", logits=logits,
-             greedy=np.asarray(greedy.output_ids), read=bytes_read, held=held, whole=whole,
-             split=split, processes=jax.process_count(), devices=len(jax.devices()))
+             greedy=np.asarray(greedy.output_ids), scan_logits=scan_logits,
+             scan_greedy=np.asarray(scan_greedy.output_ids), read=bytes_read, held=held,
+             whole=whole, split=split, processes=jax.process_count(),
+             devices=len(jax.devices()))
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def test_two_processes_give_the_logits_and_tokens_of_one(workers, fixture_dir, r
         np.testing.assert_allclose(result["logits"], logits, atol=LOGIT_TOL, rtol=0)
         assert_matches_reference(result["logits"], want)
         assert result["greedy"].tolist() == greedy.output_ids
+        assert_matches_reference(result["scan_logits"], want)
+        assert result["scan_greedy"].tolist()[:6] == reference["greedy_ids"][:6]
     # The release's own greedy continuation: its top-2 gaps are all clear of the noise
     # before step 6, and this implementation also follows the rest.
     assert greedy.output_ids == reference["greedy_ids"]
