@@ -159,3 +159,16 @@ def test_plan_for_eight_h100s_without_a_gpu():
                                        "int8", "scan"),
              sharding.make_mesh((1, 8), devices=target.devices), layers="scan")
         .engine(8, 256).warmup_keys())
+
+
+def test_server_refuses_a_run_that_cannot_fit_before_loading(monkeypatch, capsys):
+    from grok.serve import __main__ as serve
+
+    monkeypatch.setattr(sizes, "device_memory", lambda device: 1 << 20)
+    assert serve.main(["--max-batch", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "error: the demo model with dequantized weights needs ")
+    assert serve.main(["--max-batch", "auto", "--memory-fraction", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --memory-fraction must be in (0, 1], got 1.5")
