@@ -178,8 +178,9 @@ def collectives_by_computation(hlo_text: str) -> dict[str, dict[str, int]]:
 
 
 def _reachable(computations: Mapping[str, Computation], start: list[str],
-               follow_control: bool = True) -> set[str]:
-    """`start` and the computations they call: all, or only fused and async-wrapped ones."""
+               follow_control: bool = True, into_loops: bool = True) -> set[str]:
+    """`start` and the computations they call: all, or only fused and async-wrapped ones
+    (`follow_control` False); `into_loops` False stops at while loops."""
     seen: set[str] = set()
     todo = list(start)
     while todo:
@@ -188,6 +189,8 @@ def _reachable(computations: Mapping[str, Computation], start: list[str],
             continue
         seen.add(name)
         for instruction in computations[name].instructions:
+            if instruction.opcode == "while" and not into_loops:
+                continue
             todo.extend(instruction.called() if follow_control else instruction.called("calls"))
     return seen
 
@@ -196,20 +199,10 @@ def loop_bodies(hlo_text: str) -> list[str]:
     """Bodies of the outermost while loops (a `lax.scan` over layers compiles to one),
     found from ENTRY through calls and branches but not into other loops' bodies."""
     computations = parse(hlo_text)
-    bodies: list[str] = []
-    seen: set[str] = set()
-    todo = [_entry(computations).name]
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in computations:
-            continue
-        seen.add(name)
-        for instruction in computations[name].instructions:
-            if instruction.opcode == "while":
-                bodies += [b for b in instruction.called("body") if b not in bodies]
-            else:
-                todo.extend(instruction.called())
-    return bodies
+    outside = _reachable(computations, [_entry(computations).name], into_loops=False)
+    bodies = [body for c in computations.values() if c.name in outside
+              for i in c.instructions if i.opcode == "while" for body in i.called("body")]
+    return list(dict.fromkeys(bodies))
 
 
 def materialized_weights(hlo_text: str,
