@@ -4,8 +4,12 @@ lengths.
 Each sequence of a batch has its own length, so prompts of different lengths decode
 together: a sequence's new tokens go to positions `lengths[b]...`, RoPE uses those
 positions, and it attends only to its own filled, non-pad slots. The layers share one
-array ([L, B, S, K, C]) so that a scan over layers carries the cache and updates it in
+array ([L, B, K, S, C]) so that a scan over layers carries the cache and updates it in
 place: each layer writes its new rows into its own slice, and no layer's cache is copied.
+Heads come before positions ([L, B, K, S, C]) so that a layer's slice is already laid out
+as attention's batched products want it (batch axes B and K outermost): with positions
+before heads, XLA:GPU transposed the whole cache in and out of the layer loop at every
+decode step.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from grok.config import GrokConfig
+from grok.quant import storage_dtype
 
 
 class KVCache(NamedTuple):
     """A forward pass over tokens [B, T] uses the first B rows; the cache may hold more
     (the engine's decode state runs only the slots in use)."""
 
-    k: jax.Array  # [L, B, S, K, C]
-    v: jax.Array  # [L, B, S, K, C]
+    k: jax.Array  # [L, B, K, S, C]
+    v: jax.Array  # [L, B, K, S, C]
     lengths: jax.Array  # [B] int32: slots filled so far (the next token's position)
     key_valid: jax.Array  # [B, S] bool: slot holds a non-pad token (the release masks pads)
 
@@ -33,10 +38,14 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: GrokConfig, batch_size: int, max_len: int | None = None,
-               dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache of `max_len` slots (default: the model's context length)."""
+               dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots (default: the model's context length). Keys and
+    values are bf16 numbers, held as `quant.storage_dtype` says by default: float32 on CPU,
+    where XLA converts bf16 operands at every use (and cannot run some bf16 batched
+    products at all), bf16 elsewhere."""
     max_len = config.sequence_len if max_len is None else max_len
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.key_size)
+    dtype = storage_dtype(jax.default_backend()) if dtype is None else dtype
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.key_size)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                    jnp.zeros((batch_size,), jnp.int32), jnp.zeros((batch_size, max_len), bool))
 
@@ -56,21 +65,23 @@ def write_rows(buffer: jax.Array,  # [B0, S, ...]
     return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
-def write_layer(buffer: jax.Array,  # [L, B0, S, K, C]
+def write_layer(buffer: jax.Array,  # [L, B0, K, S, C]
                 layer: int | jax.Array,  # static, or the scan's traced index
                 new: jax.Array,  # [B, T, K, C]
                 starts: jax.Array,  # [B] int32
                 ) -> jax.Array:
-    """`write_rows` into layer `layer` of a stacked cache, in place."""
+    """Writes `new[b]` into layer `layer`, row b, at slots `starts[b]...`, in place (see
+    `write_rows`)."""
     b, t = new.shape[:2]
     rows = jnp.arange(b)[:, None]  # [B, 1]
     slots = starts[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    return buffer.at[layer, rows, slots].set(new.astype(buffer.dtype), mode="drop")
+    # The indexed region is [B, T, K, C]: the index arrays' shape first, then the slice.
+    return buffer.at[layer, rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
-def read_layer(buffer: jax.Array,  # [L, B0, S0, K, C]
+def read_layer(buffer: jax.Array,  # [L, B0, K, S0, C]
                layer: int | jax.Array,
-               rows: int, slots: int) -> jax.Array:  # -> [rows, slots, K, C]
+               rows: int, slots: int) -> jax.Array:  # -> [rows, K, slots, C]
     """The first `rows` x `slots` of layer `layer`: what attention reads."""
-    _, _, _, k, c = buffer.shape
-    return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, slots, k, c))[0]
+    _, _, k, _, c = buffer.shape
+    return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, k, slots, c))[0]

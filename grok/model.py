@@ -111,7 +111,7 @@ class Attention(hk.Module):
         """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
 
         Without a cache the keys are the T new tokens (S = T). With one (every layer's keys
-        and values, [L, B0, S0, K, C] each), the new keys and values are written at slot
+        and values, [L, B0, K, S0, C] each), the new keys and values are written at slot
         `starts[b]` of each row of layer `layer`, and its first S slots (S from key_mask:
         the filled part of the cache, bucketed) are attended.
         """
@@ -127,15 +127,17 @@ class Attention(hk.Module):
         if kv is not None:
             kv = (write_layer(kv[0], layer, k, starts), write_layer(kv[1], layer, v, starts))
             s = key_mask.shape[-1]
-            k, v = (read_layer(a, layer, b, s) for a in kv)  # [B, S, K, C]
+            k, v = (read_layer(a, layer, b, s) for a in kv)  # [B, K, S, C]
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, C]
 
         q = q.reshape(b, t, k_heads, r, c)
-        logits = jnp.einsum("btkrc,bskc->bkrts", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btkrc,bksc->bkrts", q, k, preferred_element_type=jnp.float32)
         logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
         logits = soft_cap(logits * cfg.attn_output_multiplier)
         logits = jnp.where(key_mask[:, None, None, :, :], logits, MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
-        out = jnp.einsum("bkrts,bskc->btkrc", weights, v, preferred_element_type=jnp.float32)
+        out = jnp.einsum("bkrts,bksc->btkrc", weights, v, preferred_element_type=jnp.float32)
         out = out.astype(ACT_DTYPE).reshape(b, t, cfg.emb_size)
         return Linear(cfg.emb_size, name="linear")(out), kv
 
@@ -211,7 +213,7 @@ class Transformer(hk.Module):
         self.unroll = unroll
 
     def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
-        """The residual stream after every layer, the new keys and values ([L, B, S, K, C]
+        """The residual stream after every layer, the new keys and values ([L, B, K, S, C]
         each, or None without a cache), and the routing of every layer stacked on a layer
         axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
         cfg, mesh = self.config, self.mesh

@@ -38,7 +38,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 TOKENS_SPEC = P(DATA, None)  # [B, T]
 REPLICATED_SPEC = P()
 RESIDUAL_SPEC = P(DATA, None, None)  # [B, T, D]: rows split, width whole, as the release
-LAYERS_KV_SPEC = P(None, DATA, None, MODEL, None)  # [L, B, S, K, C]: all layers' keys
+LAYERS_KV_SPEC = P(None, DATA, MODEL, None, None)  # [L, B, K, S, C]: all layers' keys
 
 
 def make_mesh(mesh_shape: tuple[int, int] | None = None, devices=None) -> Mesh:

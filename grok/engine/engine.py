@@ -95,7 +95,7 @@ class Buckets:
 class DecodeState(NamedTuple):
     """Everything a decode step needs, one row per slot; lives on the devices."""
 
-    cache: KVCache  # k, v [L, B, S, K, C]; lengths [B]; key_valid [B, S]
+    cache: KVCache  # k, v [L, B, K, S, C]; lengths [B]; key_valid [B, S]
     tokens: jax.Array  # i32[B]: the slot's last drawn token, fed to the next step
     steps: jax.Array  # i32[B]: tokens drawn so far by the slot's request (its PRNG step)
     seeds: jax.Array  # u32[B]
@@ -134,15 +134,15 @@ def state_shapes(config: GrokConfig, mesh, slots: int, max_len: int) -> DecodeSt
 
 def _write_slots(state: DecodeState, slots, cache: KVCache, tokens, seeds, sampling,
                  allowed) -> DecodeState:
-    """Prefilled rows [Bp, ...] (cache k, v [L, Bp, T, K, C]) into slots `slots[i]` of
+    """Prefilled rows [Bp, ...] (cache k, v [L, Bp, K, T, C]) into slots `slots[i]` of
     the state; rows whose slot is out of range (padding) are dropped."""
     length = cache.key_valid.shape[1]
 
     def put(full, rows):  # per-row values [B, ...] <- [Bp, ...]
         return full.at[slots].set(rows, mode="drop")
 
-    def put_kv(full, rows):  # [L, B, S, K, C] <- [L, Bp, T, K, C]: the first T slots
-        return full.at[:, slots, :length].set(rows.astype(full.dtype), mode="drop")
+    def put_kv(full, rows):  # [L, B, K, S, C] <- [L, Bp, K, T, C]: the first T slots
+        return full.at[:, slots, :, :length].set(rows.astype(full.dtype), mode="drop")
 
     key_valid = jnp.zeros((slots.shape[0], state.cache.max_len), bool)
     key_valid = key_valid.at[:, :length].set(cache.key_valid)
