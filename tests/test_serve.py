@@ -403,11 +403,13 @@ def test_a_disconnect_cancels_a_non_streaming_request(url, http, served):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json=long_job(stream=False), timeout=httpx.Timeout(10, read=0.005))
+    # Waits for the cancels to be counted, not for the queue to look empty: on a loaded
+    # machine the server may not have taken the request in yet when the client gives up.
     deadline = time.monotonic() + 10
-    while served[0].admission.in_flight:
+    while metric(http, "grok_requests_finished_total", reason="cancelled") <= cancelled \
+            or served[0].admission.in_flight:
         assert time.monotonic() < deadline, "the requests were not cancelled"
         time.sleep(0.02)
-    assert metric(http, "grok_requests_finished_total", reason="cancelled") > cancelled
 
 
 def test_metrics_count_what_was_served(http):
