@@ -216,21 +216,15 @@ class GenerationRun:
         scheduler's order: prefills grouped by prompt bucket, then decode steps by the
         attended length), so that a caller can compile them first (`Engine.warmup`)."""
         engine = self.engine
+        lengths = [len(r.prompt_ids) for r in self.requests]
         keys: list[tuple] = [("init",)]
-        lengths: dict[int, int] = {}
-        for r in self.requests:
-            length = engine.prompt_bucket(len(r.prompt_ids))
-            lengths[length] = lengths.get(length, 0) + 1
-        for length, count in lengths.items():
-            most = engine.max_prefill_batch(length)
-            keys += [("prefill", engine.rows_for(min(most, count - i)), length)
-                     for i in range(0, count, most)]
-        longest = max(len(r.prompt_ids) for r in self.requests)
-        last = max(len(r.prompt_ids) + r.settings.max_new_tokens - 1 for r in self.requests)
-        for filled in range(longest + 1, last + 1):
-            key = ("decode", engine.slots, engine.attend_bucket(filled))
-            if key not in keys:
-                keys.append(key)
+        keys += [("prefill", engine.rows_for(len(group)),
+                  engine.prompt_bucket(max(lengths[i] for i in group)))
+                 for group in engine.prefill_groups(lengths)]
+        last = max(n + r.settings.max_new_tokens - 1 for n, r in zip(lengths, self.requests,
+                                                                     strict=True))
+        keys += [("decode", engine.slots, engine.attend_bucket(filled))
+                 for filled in range(max(lengths) + 1, last + 1)]
         return list(dict.fromkeys(keys))
 
     def __iter__(self) -> Iterator[tuple[int, Event]]:

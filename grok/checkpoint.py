@@ -444,19 +444,16 @@ class _Stack:
                 raise ValueError(f"{name}: a stacked parameter's layer axis must not be "
                                  f"split, got sharding {sharding}")
         self.dtype = dtype
+        # The distinct slices of one layer's tensor that this process's devices hold.
+        self.layer_slices: dict[Key, tuple] = {}
+        for index in self.indices.values():
+            self.layer_slices.setdefault(_key(index[1:], self.shape[1:]), index[1:])
         self.arrays: dict = {}
         self.lock = threading.Lock()
 
-    def layer_slices(self) -> dict[Key, tuple]:
-        """The distinct slices of one layer's tensor that this process's devices hold."""
-        slices: dict[Key, tuple] = {}
-        for index in self.indices.values():
-            slices.setdefault(_key(index[1:], self.shape[1:]), index[1:])
-        return slices
-
     def put(self, layer: int, host: np.ndarray) -> None:
         shape = self.shape[1:]
-        buffers = _read_slices(host, self.layer_slices())
+        buffers = _read_slices(host, self.layer_slices)
         with self.lock:
             for device, index in self.indices.items():
                 piece = jax.device_put(buffers[_key(index[1:], shape)], device)
@@ -524,7 +521,7 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
         placements.append((name, isinstance(value, QuantizedWeight8bit), parts))
     sizes = [sum(math.prod(_slice_shape(key)) * host.dtype.itemsize
                  for host, target in parts
-                 for key in (target.layer_slices() if isinstance(target, _Stack)
+                 for key in (target.layer_slices if isinstance(target, _Stack)
                              else local_slices(host.shape, target)))
              for _, _, parts in placements]
     meter = _Progress(len(opened), sum(sizes), progress)

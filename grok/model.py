@@ -197,20 +197,15 @@ def decoder_layer(config: GrokConfig, moe_strategy: str, h, positions, key_mask,
 
 
 class Transformer(hk.Module):
-    """The decoder stack (module path `transformer`), scanned or unrolled (`grok.layers`).
-
-    `unroll` (scan only) runs that many layers per loop iteration: fewer iterations, a
-    larger program.
-    """
+    """The decoder stack (module path `transformer`), scanned or unrolled (`grok.layers`)."""
 
     def __init__(self, config: GrokConfig, moe_strategy: str, mesh: Mesh | None,
-                 layers: str = "unrolled", unroll: int = 1):
+                 layers: str = "unrolled"):
         super().__init__(name="transformer")
         self.config = config
         self.moe_strategy = moe_strategy
         self.mesh = mesh
         self.layers = check_layer_mode(layers)
-        self.unroll = unroll
 
     def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
         """The residual stream after every layer, the new keys and values ([L, B, K, S, C]
@@ -237,7 +232,7 @@ class Transformer(hk.Module):
 
         if self.layers == "scan":
             stack = hk.layer_stack(cfg.num_layers, with_per_layer_inputs=True,
-                                   unroll=self.unroll, name="decoder_layer")
+                                   name="decoder_layer")
             (h, kv), routing = stack(layer)((h, kv), jnp.arange(cfg.num_layers))
             routing = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), routing)
             return h, kv, routing
@@ -324,7 +319,7 @@ class LanguageModel(hk.Module):
 
 
 def build(config: GrokConfig, moe_strategy: str = "sparse", mesh: Mesh | None = None,
-          layers: str = "unrolled", unroll: int = 1) -> hk.Transformed:
+          layers: str = "unrolled") -> hk.Transformed:
     """The transformed model: `apply(params, tokens, cache=None, num_new=None,
     attend_len=None, with_routing=False)`, for parameters of the `layers` tree
     (`grok.layers`).
@@ -332,7 +327,7 @@ def build(config: GrokConfig, moe_strategy: str = "sparse", mesh: Mesh | None = 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """
     def forward(tokens, cache=None, num_new=None, attend_len=None, with_routing=False):
-        transformer = Transformer(config, moe_strategy, mesh, layers, unroll)
+        transformer = Transformer(config, moe_strategy, mesh, layers)
         return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len,
                                                   with_routing)
     return hk.without_apply_rng(hk.transform(forward))

@@ -241,6 +241,17 @@ class Engine:
     def attend_bucket(self, filled: int) -> int:
         return bucket(filled, cap=self.max_seq_len, minimum=self.buckets.min_attend)
 
+    def prefill_groups(self, prompt_lengths: Sequence[int]) -> list[list[int]]:
+        """Which prompts (indices, in order) share a prefill: one prefill per prompt-length
+        bucket, so a long prompt does not pad short ones, of at most the prompts the
+        engine batches at that length."""
+        buckets: dict[int, list[int]] = {}
+        for i, n in enumerate(prompt_lengths):
+            buckets.setdefault(self.prompt_bucket(n), []).append(i)
+        return [members[i:i + self.max_prefill_batch(length)]
+                for length, members in buckets.items()
+                for i in range(0, len(members), self.max_prefill_batch(length))]
+
     def max_prefill_batch(self, length: int) -> int:
         """The most prompts of bucket `length` one prefill takes (see `Buckets`)."""
         budget = self.buckets.prefill_tokens

@@ -128,15 +128,8 @@ class Scheduler:
     def _admit(self, events: list[Event]) -> None:
         free = [s for s in range(self.engine.slots) if self._rows[s] is None]
         taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
-        # One prefill per prompt-length bucket, so a long prompt does not pad short ones,
-        # of at most the prompts the engine batches at that length.
-        buckets: dict[int, list[tuple[int, Request]]] = {}
-        for rid, request in taken:
-            key = self.engine.prompt_bucket(len(request.prompt_ids))
-            buckets.setdefault(key, []).append((rid, request))
-        groups = [members[i:i + self.engine.max_prefill_batch(length)]
-                  for length, members in buckets.items()
-                  for i in range(0, len(members), self.engine.max_prefill_batch(length))]
+        groups = [[taken[i] for i in group] for group in self.engine.prefill_groups(
+            [len(request.prompt_ids) for _, request in taken])]
         tokenizer = self.engine.grok.tokenizer
         eos = self.engine.config.eos_token
         for group in groups:

@@ -221,7 +221,7 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
     if auto_slots:
         run = dataclasses.replace(run, max_batch=most_slots(
             grok, run.max_seq_len, memory_fraction, target.memory_bytes))
-    footprint = sizes.footprint(run, mesh)
+    footprint = sizes.footprint(run, mesh, params)
     engine = grok.engine(run.max_batch, run.max_seq_len)
     keys = select(engine.warmup_keys(), kinds, largest)
     weight_shapes = [leaf.weight.sharding.shard_shape(leaf.weight.shape)

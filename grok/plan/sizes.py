@@ -137,10 +137,12 @@ class Footprint:
         return self.weights + self.state
 
 
-def footprint(shape: RunShape, mesh: Mesh) -> Footprint:
+def footprint(shape: RunShape, mesh: Mesh, params: dict | None = None) -> Footprint:
+    """`params`: the run's `stored_params`, where the caller has them already."""
     platform = mesh.devices.flat[0].platform
     run = shape.resolved(platform)
-    params = stored_params(run.config, mesh, run.weights, run.layers)
+    if params is None:
+        params = stored_params(run.config, mesh, run.weights, run.layers)
     slots = sharding.padded_batch(mesh, run.max_batch)
     state = state_shapes(run.config, mesh, slots, run.max_seq_len)
     return Footprint(bytes_per_device(params), bytes_per_device(state),
