@@ -35,7 +35,8 @@ from grok.checkpoint import write_checkpoint  # noqa: E402
 from grok.cli import ArgumentParser  # noqa: E402
 from grok.errors import GrokError  # noqa: E402
 from grok.layers import LAYER_MODES  # noqa: E402
-from grok.quant import WEIGHT_MODES, map_params, quantize, release_groups  # noqa: E402
+from grok.params import release_groups  # noqa: E402
+from grok.quant import WEIGHT_MODES, map_params, quantize  # noqa: E402
 
 # 4 layers, d=1024, 16/8 heads, 8 experts of 5464, vocab 32768: the figures in README.md.
 DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench.json"

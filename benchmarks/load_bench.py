@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from grok import checkpoint, pickle_format  # noqa: E402
+from grok.checkpoint import loader, pickle_format  # noqa: E402
 from grok.cli import ArgumentParser, UsageError  # noqa: E402
 from grok.config import GROK_1  # noqa: E402
 from grok.quant import QuantizedWeight8bit, is_quantized  # noqa: E402
@@ -58,7 +58,7 @@ def log(message: str) -> None:
 def tensors(layers: int) -> list[tuple[str, object]]:
     """(name, abstract leaf) of every file, in the release's order."""
     from grok.model import abstract_params
-    return checkpoint.flatten(abstract_params(dataclasses.replace(GROK_1, num_layers=layers)))[0]
+    return loader.flatten(abstract_params(dataclasses.replace(GROK_1, num_layers=layers)))[0]
 
 
 def nbytes(leaf) -> int:
@@ -83,7 +83,7 @@ def write(folder: Path, layers: int) -> None:
     rng = np.random.default_rng(0)
     named = tensors(layers)
     for index, (name, leaf) in enumerate(named):
-        path = folder / checkpoint.tensor_name(index)
+        path = folder / loader.tensor_name(index)
         pickle_format.write_tensor(path, random_value(name, leaf, rng))
         with open(path, "rb") as f:  # on disk, so that the page cache can be dropped
             os.fsync(f.fileno())
@@ -158,7 +158,7 @@ def read_fresh(files: list[str], result) -> None:
     conditions, memory first-touch costs included."""
     files = [Path(f) for f in files]
     targets = {path: np.empty(path.stat().st_size, np.uint8) for path in files}  # untouched
-    seconds = _parallel_read(files, checkpoint._MAX_THREADS, lambda path, offset: memoryview(
+    seconds = _parallel_read(files, loader._MAX_THREADS, lambda path, offset: memoryview(
         targets[path][offset:offset + READ_CHUNK]))
     result.put({"seconds": seconds})
 
@@ -216,7 +216,7 @@ def load(folder: str, layers: int, mesh_shape: tuple[int, int], state: str, resu
 
     def timed_load():
         start = time.perf_counter()
-        params = checkpoint.load_checkpoint(
+        params = loader.load_checkpoint(
             folder, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
             progress=True)
@@ -230,14 +230,14 @@ def load(folder: str, layers: int, mesh_shape: tuple[int, int], state: str, resu
     held = sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(params)
                for shard in leaf.addressable_shards)
     # Spot check: the first shard of every tensor equals the file's bytes there.
-    host = jax.tree_util.tree_leaves(checkpoint.read_checkpoint(folder, config))
+    host = jax.tree_util.tree_leaves(loader.read_checkpoint(folder, config))
     for leaf, mapped in zip(jax.tree_util.tree_leaves(params), host, strict=True):
         shard = leaf.addressable_shards[0]
         if np.asarray(shard.data).tobytes() != np.ascontiguousarray(mapped[shard.index]).tobytes():
             raise SystemExit(f"loaded data differs from the file for a {mapped.shape} tensor")
     del params, host, leaf, mapped, shard
     gc.collect()
-    prepare(sorted(Path(folder, checkpoint.CKPT_DIR).glob("tensor*")), state)
+    prepare(sorted(Path(folder, loader.CKPT_DIR).glob("tensor*")), state)
     _, again = timed_load()
     result.put({"seconds": seconds, "again": again, "held": held, "baseline": baseline,
                 "peak": memory.peak, "ru_maxrss": ru_maxrss, "devices": len(jax.devices()),
@@ -287,11 +287,11 @@ def main(argv=None) -> int:
     total = sum(nbytes(leaf) for _, leaf in named)
     largest = max(nbytes(leaf) for _, leaf in named)
     root = args.dir or Path(tempfile.mkdtemp(prefix="grok-load-bench-"))
-    folder = root / checkpoint.CKPT_DIR
+    folder = root / loader.CKPT_DIR
     wrote = False
     try:
         try:
-            checkpoint.read_checkpoint(root, dataclasses.replace(GROK_1, num_layers=args.layers))
+            loader.read_checkpoint(root, dataclasses.replace(GROK_1, num_layers=args.layers))
             log(f"reusing the checkpoint in {folder}")
         except ValueError:
             free = shutil.disk_usage(root if root.exists() else root.parent).free
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
                 f"{folder} ...")
             wrote = True
             write(folder, args.layers)
-        files = [folder / checkpoint.tensor_name(i) for i in range(len(named))]
+        files = [folder / loader.tensor_name(i) for i in range(len(named))]
         file_bytes = sum(path.stat().st_size for path in files)
 
         how = drop_cache(files)

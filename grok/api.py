@@ -18,7 +18,14 @@ from grok.engine.scheduler import Scheduler, Stats
 from grok.errors import GrokError
 from grok.layers import check_layer_mode, default_layer_mode
 from grok.moe import STRATEGIES
-from grok.quant import WEIGHT_MODES, default_weight_mode, storage_dtype, store_params
+from grok.quant import (
+    DEFAULT_INT4_GROUP,
+    WEIGHT_MODES,
+    check_int4_group,
+    default_weight_mode,
+    storage_dtype,
+    store_params,
+)
 from grok.routing import ExpertUsage, Routing, UsageCounter
 from grok.tokenizer import Tokenizer
 
@@ -47,18 +54,21 @@ class Grok:
              tokenizer_path: str | os.PathLike | Tokenizer | None = None,
              mesh_shape: tuple[int, int] | None = None, weights: str | None = None,
              moe: str = "sparse", progress: bool | None = None, verify: bool = False,
-             expert_stats: bool = True, layers: str | None = None) -> Grok:
+             expert_stats: bool = True, layers: str | None = None,
+             int4_group: int = DEFAULT_INT4_GROUP) -> Grok:
         """Reads a checkpoint in the released format onto a new mesh.
 
         `checkpoint_dir` holds `ckpt-0` (or is it); `config` is a GrokConfig, a preset name
         or a JSON path; `mesh_shape` is (data, model), default all devices on `model` (in a
         multi-process run, one `data` row per process; see `sharding.make_mesh`).
-        `weights`: "int8" keeps 8-bit weights on the devices, "dequantized" turns them
-        into their exact bf16 values once (default: dequantized on CPU, int8 elsewhere).
+        `weights`: "int8" keeps 8-bit weights on the devices, "int4" requantises the
+        experts' to 4 bits in groups of `int4_group` rows as they load (half the memory;
+        see `grok.quant`), "dequantized" turns them into their exact bf16 values once
+        (default: dequantized on CPU, int8 elsewhere).
         `moe`: "sparse" runs only the chosen experts; "dense" all of them, as the release.
         `tokenizer_path` may also be a `Tokenizer` already read (the CLI reads it first, to
         check prompts before the long load). `verify`: check every file against the
-        manifest beside `ckpt-0` first (see `grok.manifest`). `expert_stats`: see
+        manifest beside `ckpt-0` first (see `grok.checkpoint.manifest`). `expert_stats`: see
         `Grok.__init__`. `layers`: "scan" runs one compiled layer body over stacked
         weights, "unrolled" compiles every layer (default: unrolled on CPU, scan elsewhere;
         see `grok.layers`).
@@ -66,7 +76,8 @@ class Grok:
         if moe not in STRATEGIES:
             raise GrokError(f"moe must be one of {list(STRATEGIES)}, got {moe!r}")
         if weights not in (None, *WEIGHT_MODES):
-            raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+            raise GrokError(f"weights must be one of {list(WEIGHT_MODES)}, got {weights!r:.40}")
+        check_int4_group(int4_group)
         if layers is not None:
             check_layer_mode(layers)
         config = resolve_config(config)
@@ -77,12 +88,13 @@ class Grok:
         sharding.check_mesh(config, mesh)
         platform = mesh.devices.flat[0].platform
         layers = default_layer_mode(platform) if layers is None else layers
+        weights = default_weight_mode(platform) if weights is None else weights
         params = checkpoint.load_checkpoint(
             checkpoint_dir, model.abstract_params(config),
             lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
             progress=progress if distributed.is_main_process() else False, verify=verify,
-            stacked=layers == "scan")
-        weights = default_weight_mode(platform) if weights is None else weights
+            stacked=layers == "scan", int4_group=int4_group if weights == "int4" else None,
+            int4_files=weights != "int8")
         params = store_params(params, weights, storage_dtype(platform),
                               split_experts=platform == "cpu")
         return cls(config, params, mesh, tokenizer, moe_strategy=moe,

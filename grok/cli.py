@@ -20,7 +20,7 @@ from grok.errors import GrokError
 from grok.layers import LAYER_MODES
 from grok.moe import STRATEGIES
 from grok.plan.sizes import RunShape, check_fits
-from grok.quant import WEIGHT_MODES
+from grok.quant import DEFAULT_INT4_GROUP, WEIGHT_MODES
 from grok.tokenizer import Tokenizer
 
 # Relative to where the command runs, so an installed package finds the user's files.
@@ -124,8 +124,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", type=_mesh, help="DATAxMODEL devices (default: 1xALL, one "
                                               "data row per process in a multi-process run)")
     p.add_argument("--weights", choices=WEIGHT_MODES,
-                   help="int8: 8-bit weights on the devices; dequantized: their exact bf16 "
-                        "values, converted once (default: dequantized on CPU, else int8)")
+                   help="int8: 8-bit weights on the devices; int4: the experts' in 4 bits, "
+                        "requantised while loading (half the memory); dequantized: their "
+                        "exact bf16 values, converted once (default: dequantized on CPU, "
+                        "else int8)")
+    p.add_argument("--int4-group", type=int, default=DEFAULT_INT4_GROUP, metavar="ROWS",
+                   help="with --weights int4: rows of the contracting axis per 4-bit scale "
+                        "(default: %(default)s)")
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse",
                    help="sparse: only the chosen experts run; dense: all, as the release "
                         "(default: %(default)s)")
@@ -203,14 +208,14 @@ def _run(args, out, err) -> None:
                              label=f"prompt {i}") for i, prompt in enumerate(prompts)]
     max_batch, max_seq_len = run_shape(config, requests)
     check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, max_batch,
-                        max_seq_len), mesh, name=model_name(args))
+                        max_seq_len, args.int4_group), mesh, name=model_name(args))
     if args.demo:
         print(demo.BANNER, file=err)
 
     start = time.perf_counter()
     grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                      mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
-                     verify=args.verify, layers=args.layers)
+                     verify=args.verify, layers=args.layers, int4_group=args.int4_group)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
     run = grok.run(prompts, **settings)

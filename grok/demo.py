@@ -24,6 +24,8 @@ DEMO_CONFIG = DEMO_FILES / "config.json"
 DEMO_TOKENIZER = DEMO_FILES / "demo.model"
 
 MAX_DIGITS = 3  # each operand has 1 to 3 digits
+# Its expert width, 88 rows, takes 4-bit groups of at most 8 rows (`--weights int4`).
+INT4_GROUP = 8
 HOLD_OUT_ONE_IN = 50  # 2% of all problems are held out of training
 # Enough new tokens for the longest answer (1998: four digits) and its EOS.
 MAX_NEW_TOKENS = 8
@@ -93,7 +95,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     demo = args.checkpoint is None and not (Path(real_default) / "ckpt-0").is_dir()
     if demo:
         parser.set_defaults(checkpoint=DEMO_CHECKPOINT, config=str(DEMO_CONFIG),
-                            tokenizer=DEMO_TOKENIZER, mesh=(1, 1), **SETTINGS)
+                            tokenizer=DEMO_TOKENIZER, mesh=(1, 1), int4_group=INT4_GROUP,
+                            **SETTINGS)
     else:
         parser.set_defaults(checkpoint=real_default)
     args = parser.parse_args(argv)
@@ -110,10 +113,11 @@ class DemoGrok(Grok):
 
 
 def load(mesh_shape: tuple[int, int] = (1, 1), weights: str | None = None,
-         moe: str = "sparse") -> DemoGrok:
+         moe: str = "sparse", int4_group: int = INT4_GROUP) -> DemoGrok:
     """The demo model with its config and tokenizer, ready for `generate("123+456=")`."""
     return DemoGrok.load(DEMO_CHECKPOINT, DEMO_CONFIG, tokenizer_path=DEMO_TOKENIZER,
-                         mesh_shape=mesh_shape, weights=weights, moe=moe)
+                         mesh_shape=mesh_shape, weights=weights, moe=moe,
+                         int4_group=int4_group)
 
 
 def example_prompts() -> list[str]:

@@ -30,7 +30,8 @@ from grok import moe
 from grok.config import ATTN_SOFT_CAP, RMS_NORM_EPS, ROPE_BASE, GrokConfig
 from grok.kv_cache import KVCache, read_layer, write_layer, write_rows
 from grok.layers import check_layer_mode
-from grok.quant import QuantizedWeight8bit, map_params, qdot, release_groups
+from grok.params import release_groups
+from grok.quant import QuantizedWeight8bit, map_params, qdot
 from grok.sharding import REPLICATED_SPEC, RESIDUAL_SPEC, constrain
 
 ACT_DTYPE = jnp.bfloat16  # the release's "fprop dtype"

@@ -1,28 +1,37 @@
-"""8-bit weights: int8 values with bf16 scales grouped along the contracting axis.
+"""Quantised weights: int8 or int4 values with bf16 scales grouped along the contracting axis.
 
-A weight `w[..., K, N]` is stored as `weight` (int8, same shape) and `scales[..., G, N]`
-(bf16); group g covers rows g*K/G .. (g+1)*K/G. The release uses G = 8 for the two tensors
-it shards along K (attention `linear`, expert `linear_1`) and G = 1 elsewhere; any G that
-divides K works here, whatever the mesh.
+A weight `w[..., K, N]` is stored as `weight` (int8 or int4, same shape) and
+`scales[..., G, N]` (bf16); group g covers rows g*K/G .. (g+1)*K/G, and the value is
+`round_bf16(weight * scale)`. The release's 8-bit weights use G = 8 for the two tensors it
+shards along K (attention `linear`, expert `linear_1`) and G = 1 elsewhere; any G that
+divides K works here, whatever the mesh. 4-bit expert weights are requantised from the
+exact values of the 8-bit ones, in groups of a fixed number of rows (`requantize4`).
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from grok.errors import GrokError
-from grok.layers import is_stacked
+from grok.params import WEIGHT_MODES, expert_axis, release_groups, storage
+
+INT4 = jnp.int4
+INT4_MAX = 7  # symmetric: values -7..7, so that a group's sign does not bias its scale
+# Rows of the contracting axis per 4-bit scale: measured on the demo model, the release's
+# fixtures and a full-vocabulary model (README, "4-bit experts"); 32 and 128 are the others
+# tried.
+DEFAULT_INT4_GROUP = 64
 
 
-@jax.tree_util.register_pytree_node_class
-class QuantizedWeight8bit:
-    """An int8 weight and its bf16 scales; a pytree, so it passes through jit and sharding."""
+class QuantizedWeight:
+    """Integer values and their bf16 scales; a pytree, so it passes through jit and
+    sharding. `QuantizedWeight8bit` is the release's form; `QuantizedWeight4bit` ours."""
 
     def __init__(self, weight, scales):
         self.weight = weight
@@ -46,8 +55,19 @@ class QuantizedWeight8bit:
         return cls(*children)
 
     def __repr__(self) -> str:
-        return (f"QuantizedWeight8bit(weight={_describe(self.weight)}, "
+        return (f"{type(self).__name__}(weight={_describe(self.weight)}, "
                 f"scales={_describe(self.scales)})")
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedWeight8bit(QuantizedWeight):
+    """The release's int8 weight and bf16 scales."""
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedWeight4bit(QuantizedWeight):
+    """4-bit values (`int4_storage`: int4, which XLA packs two to a byte, or int8 on CPU)
+    and bf16 scales."""
 
 
 @jax.tree_util.register_pytree_node_class
@@ -99,6 +119,14 @@ def check_groups(weight_shape, scales_shape, name: str = "weight") -> None:
             f" with G dividing K={weight_shape[-2] if len(weight_shape) >= 2 else '?'}")
 
 
+def nbytes(shape, dtype) -> int:
+    """Bytes an array takes on a device: int4 packs two values to a byte."""
+    count = int(np.prod(shape, dtype=np.int64))
+    if np.dtype(dtype) in (np.dtype(ml_dtypes.int4), np.dtype(ml_dtypes.uint4)):
+        return (count + 1) // 2
+    return count * np.dtype(dtype).itemsize
+
+
 def quantize(w, groups: int = 1) -> QuantizedWeight8bit:
     """Symmetric per-(group, column) int8 quantisation of a float weight [..., K, N].
 
@@ -120,12 +148,13 @@ def quantize(w, groups: int = 1) -> QuantizedWeight8bit:
 
 
 def dequantize(w, dtype=jnp.bfloat16):
-    """The weight's values in `dtype`; for 8-bit weights, `round_dtype(int8 * scale)`.
+    """The weight's values in `dtype`; for quantised weights, `round_dtype(q * scale)`.
 
-    int8 times a bf16 scale is exact in float32 (8 + 8 significant bits), so computing the
-    product in float32 and rounding once equals the release's bf16 multiply.
+    An int8 or int4 value times a bf16 scale is exact in float32 (8 + 8 significant bits at
+    most), so computing the product in float32 and rounding once equals the release's bf16
+    multiply.
     """
-    if not isinstance(w, QuantizedWeight8bit):
+    if not isinstance(w, QuantizedWeight):
         return jnp.asarray(w).astype(dtype)
     weight, scales = w.weight, w.scales
     *lead, k, n = weight.shape
@@ -135,31 +164,66 @@ def dequantize(w, dtype=jnp.bfloat16):
     return values.reshape(weight.shape).astype(dtype)
 
 
-# Parameters the release stores as 8-bit, with the scale groups it uses: 8 along K for the
-# two tensors it shards along K (when K allows it), 1 for the others. Matched against the
-# parameter's "module/path/name"; anything unmatched stays a float array.
-_RELEASE_8BIT: tuple[tuple[str, int], ...] = (
-    (r"multi_head_attention/(query|key|value)/w$", 1),
-    (r"multi_head_attention/linear/w$", 8),
-    (r"moe/(linear|linear_v)/w$", 1),
-    (r"moe/linear_1/w$", 8),
-)
+def check_int4_group(group: int, rows: int | None = None, where: str = "a weight") -> int:
+    """`group` if it is a positive number of rows dividing `rows` (the contracting axis of
+    `where`, or a device's share of it), else an error naming both."""
+    name = "int4_group"
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise GrokError(f"{name} must be a positive integer, got {group!r:.40}")
+    if rows is not None and rows % group:
+        fits = max(d for d in range(1, group + 1) if rows % d == 0)
+        raise GrokError(f"{name}={group} does not divide the {rows} rows of the contracting "
+                        f"axis of {where}; use a group size that does (at most {group}: "
+                        f"{fits})")
+    return group
 
 
-def release_groups(path: str, shape) -> int | None:
-    """Scale groups the release uses for parameter `path`, or None if it is stored as float."""
-    for pattern, groups in _RELEASE_8BIT:
-        if re.search(pattern, path):
-            return groups if shape[-2] % groups == 0 else 1
-    return None
+def int8_values(weight: np.ndarray, scales: np.ndarray, first_row: int = 0,
+                rows: int | None = None) -> np.ndarray:
+    """The exact float32 values of rows `first_row ..` of an 8-bit weight [..., K, N] of
+    `rows` rows in all (default: this block is the whole weight), from the block's int8
+    values and the whole weight's scales [..., G, N] (over the block's other axes)."""
+    block = weight.shape[-2]
+    rows = block if rows is None else rows
+    groups = scales.shape[-2]
+    check_groups((*weight.shape[:-2], rows, weight.shape[-1]), scales.shape, "8-bit weight")
+    group_of_row = (first_row + np.arange(block)) // (rows // groups)
+    per_row = np.take(np.asarray(scales, np.float32), group_of_row, axis=-2)
+    return np.asarray(weight, np.float32) * per_row
+
+
+def requantize4(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest 4-bit form of float32 `values` [..., K, N] in groups of
+    `group` rows: (int4 [..., K, N], bf16 scales [..., K/group, N]).
+
+    As `quantize`, the scale is rounded to bf16 before dividing. Blocks of whole groups
+    give the blocks of the whole tensor's result, so each device's slice can be converted
+    on its own (`grok.checkpoint.loader`).
+    """
+    *lead, k, n = values.shape
+    check_int4_group(group, k, f"a weight of shape {list(values.shape)}")
+    grouped = values.reshape(*lead, k // group, group, n)
+    amax = np.max(np.abs(grouped), axis=-2)  # [..., K/group, N]
+    scales = (amax / np.float32(INT4_MAX)).astype(jnp.bfloat16)
+    wide = scales.astype(np.float32)
+    safe = np.where(wide > 0, wide, np.float32(1))
+    q = np.clip(np.rint(grouped / safe[..., None, :]), -INT4_MAX, INT4_MAX)
+    return q.reshape(values.shape).astype(INT4), scales
+
+
+def quantize4(w: QuantizedWeight8bit, group: int) -> QuantizedWeight4bit:
+    """The 4-bit form of a whole 8-bit weight (host arrays)."""
+    values = int8_values(np.asarray(w.weight), np.asarray(w.scales))
+    return QuantizedWeight4bit(*requantize4(values, group))
 
 
 def is_quantized(x) -> bool:
-    return isinstance(x, QuantizedWeight8bit)
+    return isinstance(x, QuantizedWeight)
 
 
 def map_params(fn, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Applies `fn(path, value)` to each parameter of a Haiku tree; 8-bit weights are leaves."""
+    """Applies `fn(path, value)` to each parameter of a Haiku tree; quantised weights are
+    leaves."""
     return {module: {name: fn(f"{module}/{name}", value) for name, value in bundle.items()}
             for module, bundle in params.items()}
 
@@ -174,13 +238,17 @@ def quantize_params(params):
     return map_params(convert, params)
 
 
-WEIGHT_MODES = ("int8", "dequantized")
-
-
 def default_weight_mode(platform: str) -> str:
     """int8 saves accelerator memory and their GEMMs fuse the conversion; XLA:CPU does not
     fuse it (every call would write the whole float weight), so CPU keeps floats."""
     return "dequantized" if platform == "cpu" else "int8"
+
+
+def int4_storage(platform: str):
+    """The device dtype of 4-bit values: int4 on accelerators; int8 on CPU, where jax
+    0.10.2's compiled programs expect int4 arguments packed while its CPU buffers are not
+    (an ahead-of-time compiled step rejects them), which costs CPU a byte a value."""
+    return jnp.int8 if platform == "cpu" else INT4
 
 
 def storage_dtype(platform: str):
@@ -190,15 +258,15 @@ def storage_dtype(platform: str):
 
 
 def _to_float(path: str, value, mode: str) -> bool:
-    return (is_quantized(value) and mode == "dequantized") \
-        or path.endswith("in_out_embed/embeddings")
-
-
-def _expert_axis(path: str) -> int | None:
-    """The expert axis of a stacked expert weight (1 behind a stacked layer axis)."""
-    if not re.search(r"/moe/linear(_v|_1)?/w$", path):
-        return None
-    return 1 if is_stacked(path) else 0
+    """Whether `store_params` turns `value` into its bf16 values (once, at load)."""
+    form = storage(path, mode)
+    if form == "int4" and not isinstance(value, QuantizedWeight4bit):
+        raise GrokError(f"parameter {path}: int4 weights are made while loading "
+                        f"(`load_checkpoint(int4_group=...)`), got {value!r:.200}")
+    if form == "int8" and isinstance(value, QuantizedWeight4bit):
+        raise GrokError(f"parameter {path} is 4-bit: load it with weights int4 (or "
+                        f"dequantized), not {mode}")
+    return form == "bf16"
 
 
 def _without_axis(sharding: jax.sharding.NamedSharding, ndim: int, axis: int):
@@ -219,7 +287,7 @@ def stored_form(path: str, value, mode: str, float_dtype, split_experts: bool = 
         value = jax.ShapeDtypeStruct(placed.shape, float_dtype, sharding=placed.sharding)
     else:
         value = jax.tree.map(abstract, value)
-    axis = _expert_axis(path) if split_experts else None
+    axis = expert_axis(path) if split_experts else None
     if axis is None:
         return value
     return ExpertWeights((jax.tree.map(lambda a: jax.ShapeDtypeStruct(
@@ -242,20 +310,22 @@ def _converter(to_float: bool, float_dtype, axis: int | None, shardings: tuple, 
 
 
 def store_params(params, mode: str, float_dtype, split_experts: bool = False):
-    """Converts loaded parameters for inference, same numbers either way.
+    """Converts loaded parameters for inference, as the parameter table's storage says.
 
     The embedding table becomes its bf16 values (the release casts it to bf16 at every
-    use); with `mode="dequantized"` the 8-bit weights become their exact bf16 values too.
+    use); with `mode="dequantized"` the 8-bit weights become their exact bf16 values too;
+    with `mode="int4"` the expert weights are expected in 4 bits already (the loader
+    requantises them slice by slice).
     Both are then held in `float_dtype`. Norms and the router stay float32. With
     `split_experts`, stacked expert weights become `ExpertWeights`. Every result is placed
     as `stored_form` says.
     """
     if mode not in WEIGHT_MODES:
-        raise GrokError(f"weights must be one of {WEIGHT_MODES}, got {mode!r}")
+        raise GrokError(f"weights must be one of {list(WEIGHT_MODES)}, got {mode!r:.40}")
 
     def convert(path, value):
         to_float = _to_float(path, value, mode)
-        axis = _expert_axis(path) if split_experts else None
+        axis = expert_axis(path) if split_experts else None
         if not to_float and axis is None:
             return value
         target = stored_form(path, value, mode, float_dtype, split_experts)
@@ -266,7 +336,7 @@ def store_params(params, mode: str, float_dtype, split_experts: bool = False):
 
 def qdot(spec: str, x, w):
     """`einsum(spec, x, w)` the release's way: operands in the weight's compute dtype (bf16
-    for 8-bit weights), float32 accumulation, one rounding to the activations' dtype."""
+    for quantised weights), float32 accumulation, one rounding to the activations' dtype."""
     if is_quantized(w):
         w = dequantize(w, x.dtype)
     out = jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)

@@ -1,14 +1,13 @@
-"""Device mesh and parameter placement: one table of partition rules, as the release shards.
+"""Device mesh and parameter placement, as the release shards (the table is `grok.params`).
 
 The mesh has two axes: `data` (batch, and the release's second split of weights) and
 `model` (tensor parallelism). XLA's SPMD partitioner keeps the computation correct on any
-placement, so every mesh gives the same numbers; the table only decides where bytes live.
+placement, so every mesh gives the same numbers; placements only decide where bytes live.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import numpy as np
@@ -18,22 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok.config import GrokConfig
 from grok.errors import GrokError
-from grok.layers import is_stacked
-
-DATA, MODEL = "data", "model"
-
-# (pattern on "module/path/param", spec of the logical weight [.., K, N]). The release's
-# rules (SPEC.md section 4): projections into the model split K over data and N over model,
-# projections out of it the reverse; the expert axis stays whole.
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
-    (r"multi_head_attention/(query|key|value)/w$", P(DATA, MODEL)),
-    (r"multi_head_attention/linear/w$", P(MODEL, DATA)),
-    (r"moe/(linear|linear_v)/w$", P(None, DATA, MODEL)),
-    (r"moe/linear_1/w$", P(None, MODEL, DATA)),
-    (r"router/w$", P(DATA, None)),
-    (r"in_out_embed/embeddings$", P(None, (DATA, MODEL))),
-    (r"rms_norm(_\d+)?/scale$", P(None)),
-)
+from grok.params import DATA, MODEL, spec_for
 
 TOKENS_SPEC = P(DATA, None)  # [B, T]
 REPLICATED_SPEC = P()
@@ -90,24 +74,15 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def rule_for(path: str) -> P:
-    """The partition spec of parameter `path`; an unmatched parameter is an error. A
-    stacked layer parameter [L, ...] keeps its layer axis whole: a scan reads each layer
-    on every device."""
-    for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, path):
-            return P(None, *spec) if is_stacked(path) else spec
-    raise ValueError(f"no partition rule matches parameter {path!r}")
-
-
 def param_sharding(mesh: Mesh, path: str, kind: str, shape) -> NamedSharding:
     """Placement of one stored array of parameter `path`.
 
-    `kind` is "value" for float parameters and int8 weights, "scales" for 8-bit scales
-    [..., G, N]: those follow the weight, except that the K-axis split is dropped where it
-    does not divide G (a shard then holds every group, which costs little: scales are small).
+    `kind` is "value" for float parameters, "weight" for quantised values, "scales" for
+    their scales [..., G, N]: those follow the weight, except that the K-axis split is
+    dropped where it does not divide G (a shard then holds every group, which costs little:
+    scales are small). The placement itself is the parameter table's (`grok.params`).
     """
-    spec = rule_for(path)
+    spec = spec_for(path)
     if len(spec) != len(shape):
         raise ValueError(f"parameter {path!r}: rule {spec} is for rank {len(spec)}, "
                          f"the array has shape {list(shape)}")

@@ -163,7 +163,7 @@ class Mutator:
 def message_problems(message: str, path: str) -> list[str]:
     """How a CheckpointError's message breaks the rules: it names the file, is one
     printable line of bounded length, and shows no internals."""
-    from grok.files import MAX_MESSAGE
+    from grok.checkpoint.files import MAX_MESSAGE
     problems = []
     if path not in message:
         problems.append("does not name the file")
@@ -181,7 +181,7 @@ class _Checker:
     def __init__(self):
         import numpy as np
 
-        from grok import pickle_format
+        from grok.checkpoint import pickle_format
         from grok.errors import CheckpointError
         self.np, self.pickle_format, self.error_type = np, pickle_format, CheckpointError
         self.events: list[str] = []

@@ -26,16 +26,16 @@ MESH = (2, 4)
 NEW_TOKENS = 12
 
 
-def count_reads(checkpoint) -> list[int]:
+def count_reads(loader) -> list[int]:
     """Counts the bytes each read of the loader copies out of the checkpoint files."""
-    total, lock, read = [0], threading.Lock(), checkpoint._read_piece
+    total, lock, read = [0], threading.Lock(), loader._read_piece
 
     def counting(fd, host, src, dst):
         with lock:
             total[0] += dst.nbytes
         return read(fd, host, src, dst)
 
-    checkpoint._read_piece = counting
+    loader._read_piece = counting
     return total
 
 
@@ -49,19 +49,20 @@ def main() -> None:
 
     import jax
 
-    from grok import Grok, checkpoint, model, sharding
+    from grok import Grok, model, sharding
+    from grok.checkpoint import loader
     from grok.config import GrokConfig
 
     config = GrokConfig.from_json(args.fixture / "config.json")
     mesh = sharding.make_mesh(MESH)
-    read = count_reads(checkpoint)
-    params = checkpoint.load_checkpoint(
+    read = count_reads(loader)
+    params = loader.load_checkpoint(
         args.fixture, model.abstract_params(config),
         lambda path, kind, shape: sharding.param_sharding(mesh, path, kind, shape),
         progress=False)
     held = whole = split = 0
     for array in jax.tree_util.tree_leaves(params):
-        mine = {checkpoint._key(s.index, array.shape): s.data.nbytes
+        mine = {loader._key(s.index, array.shape): s.data.nbytes
                 for s in array.addressable_shards}
         held += sum(mine.values())
         whole += array.nbytes

@@ -19,9 +19,9 @@ from checkpoint_worker import message_problems, run_files
 from conftest import REPO
 from test_checkpoint import assert_same, stdlib_load
 
-from grok import checkpoint, manifest, pickle_format
+from grok.checkpoint import loader, manifest, pickle_format
+from grok.checkpoint.files import MAX_MESSAGE
 from grok.errors import CheckpointError
-from grok.files import MAX_MESSAGE
 from grok.quant import quantize
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -259,8 +259,8 @@ def nano_like(folder) -> dict:
     params = {"m": {"a": rng.standard_normal((16, 8)).astype(np.float32),
                     "b": quantize(rng.standard_normal((32, 8)), 4)}}
     (folder / "ckpt-0").mkdir(parents=True)
-    for index, (_, value) in enumerate(checkpoint.flatten(params)[0]):
-        pickle_format.write_tensor(folder / "ckpt-0" / checkpoint.tensor_name(index), value)
+    for index, (_, value) in enumerate(loader.flatten(params)[0]):
+        pickle_format.write_tensor(folder / "ckpt-0" / loader.tensor_name(index), value)
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
 
@@ -280,10 +280,10 @@ def test_3_the_loader_says_what_is_in_place_of_a_tensor_file(tmp_path):
             os.symlink("/dev/null", file)
         with pytest.raises(CheckpointError, match=r"tensor00001_000 \(parameter m/b, index 1\)"
                                                   rf": .*{pattern}"):
-            checkpoint.read_checkpoint(tmp_path, expected)
+            loader.read_checkpoint(tmp_path, expected)
         file.rmdir() if kind == "dir" else file.unlink(missing_ok=True)
     file.write_bytes(data)
-    checkpoint.read_checkpoint(tmp_path, expected)
+    loader.read_checkpoint(tmp_path, expected)
 
 
 # --- 4. nothing blocks on a FIFO or other special file -------------------------------------
@@ -294,7 +294,7 @@ import json, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 import jax, ml_dtypes, numpy as np
-from grok import checkpoint, manifest, pickle_format
+from grok.checkpoint import loader, manifest, pickle_format
 from grok.errors import CheckpointError
 from grok.quant import QuantizedWeight8bit
 S = jax.ShapeDtypeStruct
@@ -306,7 +306,7 @@ fifo = folder / "ckpt-0" / "tensor00001_000"
 results = {{}}
 for name, call in [("read_header", lambda: pickle_format.read_header(fifo)),
                    ("open_tensor", lambda: pickle_format.open_tensor(fifo, header)),
-                   ("read_checkpoint", lambda: checkpoint.read_checkpoint(folder, tree)),
+                   ("read_checkpoint", lambda: loader.read_checkpoint(folder, tree)),
                    ("manifest", lambda: manifest.compute(folder / "ckpt-0"))]:
     try:
         call()
@@ -358,7 +358,7 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
-from grok import checkpoint, pickle_format
+from grok.checkpoint import loader, pickle_format
 from grok.errors import CheckpointError
 folder = {folder!r}
 file = os.path.join(folder, "ckpt-0", "tensor00000_000")
@@ -372,23 +372,23 @@ results = {{}}
 for stage in ("before-reading", "while-reading"):
     for name, sharding in shardings.items():
         pickle_format.write_tensor(file, value)
-        checkpoint._PIECE_BYTES = 1024  # many pieces, so the file shrinks between them
-        checkpoint._RUNS_PER_READ = 3
-        original = checkpoint._read_slices if stage == "before-reading" else checkpoint._read_piece
+        loader._PIECE_BYTES = 1024  # many pieces, so the file shrinks between them
+        loader._RUNS_PER_READ = 3
+        original = loader._read_slices if stage == "before-reading" else loader._read_piece
         def shrinking(*args, original=original, calls=[]):
             calls.append(1)
             if len(calls) == 2 or stage == "before-reading":
                 os.truncate(file, 1000)
             return original(*args)
-        setattr(checkpoint, "_read_slices" if stage == "before-reading" else "_read_piece",
+        setattr(loader, "_read_slices" if stage == "before-reading" else "_read_piece",
                 shrinking)
         try:
-            checkpoint.load_checkpoint(folder, tree, lambda *_: sharding, progress=False)
+            loader.load_checkpoint(folder, tree, lambda *_: sharding, progress=False)
             results[stage + "/" + name] = "loaded"
         except CheckpointError as e:
             results[stage + "/" + name] = str(e)
         finally:
-            setattr(checkpoint, "_read_slices" if stage == "before-reading" else "_read_piece",
+            setattr(loader, "_read_slices" if stage == "before-reading" else "_read_piece",
                     original)
 print(json.dumps(results))
 """
@@ -414,8 +414,8 @@ def test_5_a_file_shrinking_during_the_load_fails_cleanly(tmp_path):
 def test_5_strided_blocks_read_by_runs_equal_the_map(runs, gap, tmp_path, monkeypatch):
     """Column shards and other strided blocks, read with positional reads in batches of
     runs (gaps read into scratch, or skipped), are exactly what the memory map holds."""
-    monkeypatch.setattr(checkpoint, "_RUNS_PER_READ", runs)
-    monkeypatch.setattr(checkpoint, "_GAP_BYTES", gap)
+    monkeypatch.setattr(loader, "_RUNS_PER_READ", runs)
+    monkeypatch.setattr(loader, "_GAP_BYTES", gap)
     path = tmp_path / "t"
     pickle_format.write_tensor(path, np.arange(6 * 10 * 12, dtype=np.float32).reshape(6, 10, 12))
     host = pickle_format.read_tensor(path)
@@ -426,7 +426,7 @@ def test_5_strided_blocks_read_by_runs_equal_the_map(runs, gap, tmp_path, monkey
                       (slice(None, None, 2), slice(None), slice(1, 3)), (1, 2, 3)]:
             src = host[(*index, ...)]  # as _read_slices takes views: 0-d, not scalars
             dst = np.empty(src.shape, src.dtype)
-            checkpoint._read_piece(fd, host, src, dst)
+            loader._read_piece(fd, host, src, dst)
             np.testing.assert_array_equal(dst, np.asarray(src))
     finally:
         os.close(fd)
@@ -453,10 +453,10 @@ def test_6_fortran_order_is_refused(tmp_path):
     file.write_bytes(data[:flag] + b"\x88" + data[flag + 1:])  # NEWFALSE -> NEWTRUE: 1 bit
     with pytest.raises(CheckpointError, match=r"tensor00000_000 \(parameter m/a, index 0\): "
                                               r"array in Fortran order"):
-        checkpoint.read_checkpoint(tmp_path, expected)
+        loader.read_checkpoint(tmp_path, expected)
     file.write_bytes(pickle.dumps(np.asfortranarray(np.ones((16, 8), np.float32)), protocol=4))
     with pytest.raises(CheckpointError, match=r"array in Fortran order"):
-        checkpoint.read_checkpoint(tmp_path, expected)
+        loader.read_checkpoint(tmp_path, expected)
 
 
 def payload_ranges(data: bytes) -> list[range]:
@@ -492,7 +492,7 @@ def test_6_every_single_bit_flip_of_a_header_is_refused_or_harmless(value, tmp_p
             path.write_bytes(flipped)
             try:
                 got = pickle_format.read_header(path)
-                checkpoint._check(path, "p", got, leaf)
+                loader._check(path, "p", got, leaf)
             except CheckpointError as e:
                 assert_well_formed(e, path)
                 continue
@@ -554,18 +554,18 @@ def test_6_quantized_parts_must_be_two_arrays(tmp_path):
 def test_verify_finds_a_one_byte_change_before_loading(tmp_path, capsys):
     expected = nano_like(tmp_path)
     with pytest.raises(CheckpointError, match=r"ckpt-0\.manifest\.json: no manifest here"):
-        checkpoint.read_checkpoint(tmp_path, expected, verify=True)
+        loader.read_checkpoint(tmp_path, expected, verify=True)
     manifest.write(tmp_path / "ckpt-0")
-    checkpoint.read_checkpoint(tmp_path, expected, verify=True)
+    loader.read_checkpoint(tmp_path, expected, verify=True)
     file = tmp_path / "ckpt-0" / "tensor00000_000"
     data = bytearray(file.read_bytes())
     data[-20] ^= 0x01  # a weight's bit: same size, a valid file, wrong values
     file.write_bytes(data)
-    checkpoint.read_checkpoint(tmp_path, expected)  # the format alone cannot tell
+    loader.read_checkpoint(tmp_path, expected)  # the format alone cannot tell
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     with pytest.raises(CheckpointError, match=r"ckpt-0: 1 file\(s\) differ from the manifest "
                                               r"ckpt-0\.manifest\.json: tensor00000_000: "
                                               r"SHA-256 differs"):
-        checkpoint.load_checkpoint(tmp_path, expected, lambda *_: single, verify=True,
+        loader.load_checkpoint(tmp_path, expected, lambda *_: single, verify=True,
                                    progress=False)
     assert capsys.readouterr().err == ""

@@ -14,7 +14,7 @@ import numpy as np
 from checkpoint_worker import Mutator, launch
 from conftest import FIXTURE
 
-from grok import pickle_format
+from grok.checkpoint import pickle_format
 from grok.quant import quantize
 
 MUTATIONS = 8000

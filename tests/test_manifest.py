@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from grok import manifest, pickle_format
+from grok.checkpoint import manifest, pickle_format
 from grok.errors import CheckpointError
 
 

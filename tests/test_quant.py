@@ -6,13 +6,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from grok.params import release_groups
 from grok.quant import (
     QuantizedWeight8bit,
     check_groups,
     dequantize,
     qdot,
     quantize,
-    release_groups,
 )
 
 BF16 = ml_dtypes.bfloat16

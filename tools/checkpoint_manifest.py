@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grok import manifest
+from grok.checkpoint import manifest
+from grok.checkpoint.files import printable
 from grok.errors import CheckpointError
-from grok.files import printable
 
 
 class _Parser(argparse.ArgumentParser):

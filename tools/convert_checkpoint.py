@@ -1,8 +1,14 @@
-"""Copies a checkpoint in the released format, optionally keeping only its first N layers:
-a smaller model of full width (the embedding, the final norm and layers 0..N-1), which is
-how benchmarks get realistic tensors without 318 GB of disk.
+"""Copies a checkpoint in the released format, optionally keeping only its first N layers,
+or with its expert weights in 4 bits.
 
     python tools/convert_checkpoint.py SRC DST [--config grok-1] [--layers N]
+                                       [--weights int4 [--int4-group 64]]
+
+`--layers N` makes a smaller model of full width (the embedding, the final norm and layers
+0..N-1), which is how benchmarks get realistic tensors without 318 GB of disk.
+`--weights int4` writes the expert weights requantised to 4 bits (grok-1: about 160 GB
+instead of 318) in the project's 4-bit format (README, "4-bit experts"); the other tensors
+stay as the release stores them. Loading it needs no conversion: `--weights int4`.
 
 SRC holds `ckpt-0` (or is it); every source file's header is checked against the config
 before anything is written. DST receives `ckpt-0/` (the kept tensors, renumbered in the
@@ -22,18 +28,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax
 
 from grok import checkpoint
 from grok.cli import ArgumentParser
 from grok.config import resolve_config
+from grok.quant import DEFAULT_INT4_GROUP, check_int4_group
 
 _LAYER = re.compile(r"transformer/decoder_layer_(\d+)/")
 
 
-def convert(source: Path, destination: Path, config, layers: int | None = None) -> dict:
+def convert(source: Path, destination: Path, config, layers: int | None = None,
+            int4_group: int | None = None) -> dict:
     """Writes the first `layers` layers (default: all) of the checkpoint at `source` to
-    `destination`; returns a summary (tensors, bytes, config of the copy)."""
+    `destination`, with 4-bit experts in groups of `int4_group` rows if given; returns a
+    summary (tensors, bytes written, config of the copy)."""
     config = resolve_config(config)
     layers = config.num_layers if layers is None else layers
     if isinstance(layers, bool) or not isinstance(layers, int) \
@@ -49,11 +57,13 @@ def convert(source: Path, destination: Path, config, layers: int | None = None) 
     params = checkpoint.read_checkpoint(source, config)  # validates every source file
     kept = {module: bundle for module, bundle in params.items()
             if (m := _LAYER.match(module)) is None or int(m.group(1)) < layers}
-    checkpoint.write_checkpoint(destination, kept)
+    if int4_group is not None:
+        check_int4_group(int4_group)
+    checkpoint.write_checkpoint(destination, kept, int4_group=int4_group)
     dataclasses.replace(config, num_layers=layers).to_json(destination / "config.json")
-    leaves = jax.tree_util.tree_leaves(kept)
-    return {"tensors": len(checkpoint.flatten(kept)[0]),
-            "bytes": sum(leaf.nbytes for leaf in leaves), "num_layers": layers}
+    written = sum(p.stat().st_size for p in target.iterdir())
+    return {"tensors": len(checkpoint.flatten(kept)[0]), "bytes": written,
+            "num_layers": layers}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="grok-1",
                         help="the source's config: preset or JSON path (default: %(default)s)")
     parser.add_argument("--layers", type=int, help="keep layers 0..N-1 (default: all)")
+    parser.add_argument("--weights", choices=("int8", "int4"), default="int8",
+                        help="int4: expert weights requantised to 4 bits (default: "
+                             "%(default)s, as the source)")
+    parser.add_argument("--int4-group", type=int, default=DEFAULT_INT4_GROUP, metavar="ROWS",
+                        help="with --weights int4: rows per 4-bit scale (default: "
+                             "%(default)s)")
     start = time.perf_counter()
     try:
         args = parser.parse_args(argv)
-        summary = convert(args.source, args.destination, args.config, args.layers)
+        summary = convert(args.source, args.destination, args.config, args.layers,
+                          args.int4_group if args.weights == "int4" else None)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

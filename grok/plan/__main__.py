@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from grok.layers import LAYER_MODES
     from grok.moe import STRATEGIES
     from grok.plan.plan import PROGRAM_KINDS
-    from grok.quant import WEIGHT_MODES
+    from grok.quant import DEFAULT_INT4_GROUP, WEIGHT_MODES
 
     p = ArgumentParser(prog="grok-plan", description=(
         "Compile every program a run needs for its devices, from abstract weights, and "
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "as many devices as the heads allow)")
     p.add_argument("--weights", choices=WEIGHT_MODES,
                    help="default: dequantized on CPU, else int8")
+    p.add_argument("--int4-group", type=int, default=DEFAULT_INT4_GROUP, metavar="ROWS",
+                   help="with --weights int4: rows per 4-bit scale (default: %(default)s)")
     p.add_argument("--layers", choices=LAYER_MODES, help="default: unrolled on CPU, else scan")
     p.add_argument("--moe", choices=list(STRATEGIES), default="sparse")
     p.add_argument("--max-batch", type=max_batch_arg, default=8,
@@ -93,7 +95,7 @@ def _plan(args):
     config = resolve_config(args.config)
     auto = args.max_batch == AUTO
     shape = RunShape(config, args.mesh, args.weights, args.layers, args.moe,
-                     8 if auto else args.max_batch, args.max_seq_len)
+                     8 if auto else args.max_batch, args.max_seq_len, args.int4_group)
     if args.target_config is not None:
         count = args.mesh[0] * args.mesh[1] if args.mesh else 8
         target = plan.file_target(args.target_config, count)

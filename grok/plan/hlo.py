@@ -207,9 +207,9 @@ def loop_bodies(hlo_text: str) -> list[str]:
 
 def materialized_weights(hlo_text: str,
                          weight_shapes: Iterable[tuple[int, ...]]) -> list[str]:
-    """Instructions outside fusions that write an array shaped like an 8-bit weight.
+    """Instructions outside fusions that write an array shaped like a quantised weight.
 
-    `weight_shapes` are the per-device shard shapes of the int8 weights, with or without
+    `weight_shapes` are the per-device shard shapes of the int8 or int4 weights, with or without
     leading stacking axes (layers, experts): a shape matches its trailing slices, and its
     two last axes either way round (a transposed copy), ignoring axes of size 1. A float
     result is a weight dequantized to memory (its product then reads 2 or 4 bytes a

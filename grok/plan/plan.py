@@ -81,7 +81,7 @@ class ProgramReport:
     alias_bytes: int
     temp_bytes: int
     extra_bytes: int  # inputs and outputs beyond the resident ones, plus temporaries
-    materialized: tuple[str, ...]  # int8 weights written to memory (see hlo.py)
+    materialized: tuple[str, ...]  # quantised weights written to memory (see hlo.py)
     collectives_per_layer: dict
 
     @property
@@ -216,7 +216,7 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
     mesh_shape = run.mesh_shape or default_mesh_shape(len(target.devices), run.config)
     mesh = _mesh(mesh_shape, target)
     sharding.check_mesh(run.config, mesh)
-    params = sizes.stored_params(run.config, mesh, run.weights, run.layers)
+    params = sizes.stored_params(run.config, mesh, run.weights, run.layers, run.int4_group)
     grok = Grok(run.config, params, mesh, moe_strategy=run.moe, layers=run.layers)
     if auto_slots:
         run = dataclasses.replace(run, max_batch=most_slots(
@@ -296,7 +296,7 @@ def _report(key, compiled, compile_s: float, footprint: Footprint, weight_shapes
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     materialized: tuple[str, ...] = ()
-    if run.weights == "int8" and key[0] in ("prefill", "decode"):
+    if run.weights in ("int8", "int4") and key[0] in ("prefill", "decode"):
         materialized = tuple(hlo.materialized_weights(text, weight_shapes))
     return ProgramReport(key, compile_s, memory.argument_size_in_bytes,
                          memory.output_size_in_bytes, memory.alias_size_in_bytes,

@@ -15,7 +15,7 @@ import math
 import os
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from grok import model, sharding
@@ -23,12 +23,18 @@ from grok.config import GrokConfig
 from grok.engine.engine import state_shapes
 from grok.errors import GrokError
 from grok.layers import check_layer_mode, default_layer_mode
+from grok.params import storage
 from grok.quant import (
+    DEFAULT_INT4_GROUP,
     WEIGHT_MODES,
+    QuantizedWeight4bit,
     QuantizedWeight8bit,
+    check_int4_group,
     default_weight_mode,
+    int4_storage,
     is_quantized,
     map_params,
+    nbytes,
     storage_dtype,
     stored_form,
 )
@@ -54,6 +60,7 @@ class RunShape:
     moe: str = "sparse"
     max_batch: int = 8
     max_seq_len: int | None = None
+    int4_group: int = DEFAULT_INT4_GROUP  # rows per 4-bit scale, with weights="int4"
 
     def __post_init__(self):
         if self.weights is not None and self.weights not in WEIGHT_MODES:
@@ -61,6 +68,7 @@ class RunShape:
                             f"{self.weights!r:.40}")
         if self.layers is not None:
             check_layer_mode(self.layers)
+        check_int4_group(self.int4_group)
         for name in ("max_batch", "max_seq_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -79,20 +87,29 @@ class RunShape:
             max_seq_len=self.max_seq_len or self.config.sequence_len)
 
 
-def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str) -> dict:
+def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str,
+                  int4_group: int = DEFAULT_INT4_GROUP) -> dict:
     """The parameters `Grok.load` places for this config, mesh and modes, as
-    ShapeDtypeStructs with their shardings."""
+    ShapeDtypeStructs with their shardings; a 4-bit group a device's rows cannot hold is
+    the error the load would raise."""
     platform = mesh.devices.flat[0].platform
 
     def place(path, value):
-        def one(kind, a):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.param_sharding(
-                mesh, path, kind, a.shape))
-        if is_quantized(value):
-            value = QuantizedWeight8bit(one("weight", value.weight),
-                                        one("scales", value.scales))
+        def one(kind, shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.param_sharding(
+                mesh, path, kind, shape))
+        if is_quantized(value) and storage(path, weights) == "int4":
+            *lead, rows, columns = value.shape
+            weight = one("weight", value.shape, int4_storage(platform))
+            check_int4_group(int4_group, weight.sharding.shard_shape(value.shape)[-2],
+                             f"{path} (a device's share on this mesh)")
+            value = QuantizedWeight4bit(
+                weight, one("scales", (*lead, rows // int4_group, columns), jnp.bfloat16))
+        elif is_quantized(value):
+            value = QuantizedWeight8bit(one("weight", value.weight.shape, value.weight.dtype),
+                                        one("scales", value.scales.shape, value.scales.dtype))
         else:
-            value = one("value", value)
+            value = one("value", value.shape, value.dtype)
         return stored_form(path, value, weights, storage_dtype(platform),
                            split_experts=platform == "cpu")
     return map_params(place, model.abstract_params(config, layers=layers))
@@ -103,9 +120,9 @@ def bytes_per_device(tree) -> int:
     arrays): its shard of every leaf."""
     per_device: dict = {}
     for leaf in jax.tree.leaves(tree):
-        nbytes = math.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        shard = nbytes(leaf.sharding.shard_shape(leaf.shape), leaf.dtype)
         for device in leaf.sharding.device_set:
-            per_device[device] = per_device.get(device, 0) + nbytes
+            per_device[device] = per_device.get(device, 0) + shard
     return max(per_device.values(), default=0)
 
 
@@ -142,7 +159,7 @@ def footprint(shape: RunShape, mesh: Mesh, params: dict | None = None) -> Footpr
     platform = mesh.devices.flat[0].platform
     run = shape.resolved(platform)
     if params is None:
-        params = stored_params(run.config, mesh, run.weights, run.layers)
+        params = stored_params(run.config, mesh, run.weights, run.layers, run.int4_group)
     slots = sharding.padded_batch(mesh, run.max_batch)
     state = state_shapes(run.config, mesh, slots, run.max_seq_len)
     return Footprint(bytes_per_device(params), bytes_per_device(state),
@@ -167,8 +184,14 @@ def check_fits(shape: RunShape, mesh: Mesh, memory_fraction: float = 0.9,
     if fp.weights > usable:
         devices = data * model_ways
         need = devices * math.ceil(fp.weights / (usable * 0.8))  # room left for the cache
-        advice = (f"use at least {need} devices (or another --weights mode)" if need > devices
-                  else "use more devices")
+        advice = (f"use at least {need} devices" if need > devices else "use more devices")
+        if run.weights == "int8":
+            try:
+                int4 = footprint(dataclasses.replace(run, weights="int4"), mesh).weights
+            except GrokError:  # the 4-bit groups do not fit this mesh's shares
+                int4 = usable
+            if int4 <= usable * 0.8:
+                advice += f", or --weights int4 ({gib(int4)} of weights per device)"
         raise GrokError(
             f"{name} with {run.weights} weights needs {gib(fp.weights)} of weights per "
             f"device {where}, "

@@ -94,7 +94,8 @@ def _check(args) -> tuple:
     # With auto, at least one slot per data row must fit; the plan then takes the most.
     least = mesh.shape[sharding.DATA] if args.max_batch == AUTO else args.max_batch
     check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, least,
-                        args.max_seq_len), mesh, args.memory_fraction, cli.model_name(args))
+                        args.max_seq_len, args.int4_group), mesh, args.memory_fraction,
+               cli.model_name(args))
     template = None
     if args.chat_template is not None:
         from grok.serve.chat import ChatTemplate
@@ -114,7 +115,7 @@ def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
         start = time.perf_counter()
         grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
                          mesh_shape=args.mesh, weights=args.weights, moe=args.moe,
-                         verify=args.verify, layers=args.layers)
+                         verify=args.verify, layers=args.layers, int4_group=args.int4_group)
         log.info("loaded in %.1f s on a %dx%d mesh", time.perf_counter() - start,
                  grok.mesh.shape["data"], grok.mesh.shape["model"])
         max_seq_len = args.max_seq_len or config.sequence_len

@@ -27,12 +27,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import manifest, pickle_format
+from grok.checkpoint import int4_format, manifest, pickle_format
+from grok.checkpoint.files import error, open_regular, printable
+from grok.checkpoint.int4_format import Int4Tensor, unpack
 from grok.config import GrokConfig
 from grok.errors import CheckpointError, GrokError
-from grok.files import error, open_regular, printable
 from grok.layers import split_release_path
-from grok.quant import QuantizedWeight8bit, check_groups, is_quantized, quantize, release_groups
+from grok.params import release_groups, storage
+from grok.quant import (
+    INT4,
+    QuantizedWeight4bit,
+    QuantizedWeight8bit,
+    check_groups,
+    check_int4_group,
+    int4_storage,
+    int8_values,
+    is_quantized,
+    quantize,
+    requantize4,
+)
 
 CKPT_DIR = "ckpt-0"
 _TENSOR_FILE = re.compile(r"tensor(\d{5,})_(\d{3})")
@@ -121,8 +134,29 @@ def _check(file: Path, where: str, header, expected) -> None:
             raise error(file, str(e).removeprefix(": "), where) from None
 
 
-def _open_all(path, expected, verify: bool = False,
-              progress: bool | None = None) -> tuple[list[tuple[str, Any]], Any]:
+def _check_int4(file: Path, where: str, name: str, header, expected,
+                int4_files: bool) -> None:
+    """Raises CheckpointError unless a 4-bit file stands where the table allows one (an
+    expert weight the release holds in 8 bits), with its shape, and the caller takes it."""
+    if not (is_quantized(expected) and storage(name, "int4") == "int4"):
+        raise error(file, f"found a 4-bit tensor where the model has "
+                    f"{_describe_expected(expected)}; only expert weights may be 4-bit", where)
+    if header.shape != tuple(expected.shape):
+        raise error(file, f"expected shape {list(expected.shape)}, found "
+                    f"{list(header.shape)}", where)
+    if not int4_files:
+        raise error(file, "the checkpoint holds 4-bit expert weights: load it with weights "
+                    "int4 (or dequantized), not int8", where)
+
+
+def _describe_expected(expected) -> str:
+    if is_quantized(expected):
+        return f"an 8-bit weight {list(expected.shape)}"
+    return f"a float array {list(expected.shape)}"
+
+
+def _open_all(path, expected, verify: bool = False, progress: bool | None = None,
+              int4_files: bool = True) -> tuple[list[tuple[str, Any]], Any]:
     folder = _ckpt_dir(path)
     named, treedef = flatten(expected_tree(expected))
     names = {tensor_name(i) for i in range(len(named))}
@@ -142,6 +176,10 @@ def _open_all(path, expected, verify: bool = False,
         where = f"parameter {name}, index {index}"
         if not os.path.lexists(file):
             raise error(file, "missing tensor file", where)
+        if int4_format.is_int4_file(file, where):
+            header = int4_format.read_header(file, where)
+            _check_int4(file, where, name, header, want, int4_files)
+            return name, int4_format.open_tensor(file, header, where)
         header = pickle_format.read_header(file, where)
         _check(file, where, header, want)
         return name, pickle_format.open_tensor(file, header, where)
@@ -158,7 +196,7 @@ def read_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig, *,
 
     `path` is the folder holding `ckpt-0`, or `ckpt-0` itself. Only headers are read; every
     file's kind, dtype, shape and size is validated before this returns. `verify`: first
-    check every file against the manifest beside the folder (see `grok.manifest`).
+    check every file against the manifest beside the folder (see `grok.checkpoint.manifest`).
     The maps see later changes to the files (touching one past a shrunken file's end is a
     SIGBUS); `load_checkpoint` copies out with positional reads that fail cleanly instead.
     """
@@ -166,18 +204,25 @@ def read_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig, *,
     return jax.tree_util.tree_unflatten(treedef, [value for _, value in opened])
 
 
-def write_checkpoint(path: str | os.PathLike, params: dict) -> None:
+def write_checkpoint(path: str | os.PathLike, params: dict,
+                     int4_group: int | None = None) -> None:
     """Writes `path/ckpt-0/tensorNNNNN_000` for every parameter, as the release stores it.
 
     Float weights of parameters the release keeps in 8 bits are quantised with its grouping
-    on the way (one tensor at a time); other floats are stored as float32.
+    on the way (one tensor at a time); other floats are stored as float32. 4-bit weights
+    (`QuantizedWeight4bit`, or a 4-bit file's maps) are written in the project's 4-bit
+    format; with `int4_group`, so are the expert weights of an 8-bit checkpoint,
+    requantised block by block as they are written (`grok.checkpoint.int4_format`).
     """
     named, _ = flatten(params)
     for name, value in named:  # all checked before anything is written
         dtype = getattr(value, "dtype", None)
-        if not is_quantized(value) and (dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
-            raise ValueError(f"parameter {name}: expected a float array or a "
-                             f"QuantizedWeight8bit, got {type(value).__name__} of dtype {dtype}")
+        if not is_quantized(value) and not isinstance(value, Int4Tensor) \
+                and (dtype is None or not jnp.issubdtype(dtype, jnp.floating)):
+            raise ValueError(f"parameter {name}: expected a float array or a quantised "
+                             f"weight, got {type(value).__name__} of dtype {dtype}")
+        if int4_group is not None and storage(name, "int4") == "int4":
+            check_int4_group(int4_group, value.shape[-2], name)
     folder = Path(path) / CKPT_DIR
     if Path(path).is_file() or folder.is_file():
         raise GrokError(f"cannot write a checkpoint into {folder}: a file is in the way")
@@ -189,13 +234,21 @@ def write_checkpoint(path: str | os.PathLike, params: dict) -> None:
         raise GrokError(f"{folder} already holds {stale[0]}, beyond the {len(named)} "
                          "parameters being written; write into an empty folder")
     for index, (name, value) in enumerate(named):
-        if not is_quantized(value):
+        file = folder / tensor_name(index)
+        if not is_quantized(value) and not isinstance(value, Int4Tensor):
             value = np.asarray(value, dtype=np.float32)
             groups = release_groups(name, value.shape) if value.ndim >= 2 else None
             if groups is not None:
                 value = quantize(value, groups)
-        pickle_format.write_tensor(folder / tensor_name(index), value)
-        for leaf in jax.tree_util.tree_leaves(value):  # memory maps, when copying a checkpoint
+        to_int4 = int4_group is not None and isinstance(value, QuantizedWeight8bit) \
+            and storage(name, "int4") == "int4"
+        if to_int4 or isinstance(value, (QuantizedWeight4bit, Int4Tensor)):
+            int4_format.write_tensor(file, jax.tree.map(np.asarray, value)
+                                     if isinstance(value, QuantizedWeight4bit) else value,
+                                     int4_group)
+        else:
+            pickle_format.write_tensor(file, value)
+        for _, leaf in _parts(value):  # memory maps, when copying a checkpoint
             _drop_pages(leaf)
 
 
@@ -408,21 +461,57 @@ def _drop_pages(host: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _place(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-    """The global array of `host` placed as `sharding` says, built from fresh copies of
-    just the slices this process's devices hold (on CPU the copies become the devices'
-    memory; nothing keeps the file mapped)."""
-    shape = tuple(host.shape)
-    buffers = _read_slices(host, local_slices(shape, sharding))
-    try:
-        return jax.make_array_from_callback(shape, sharding,
-                                            lambda index: buffers[_key(index, shape)],
-                                            dtype=host.dtype)
-    finally:
-        _drop_pages(host)
+def _assemble(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+              buffers: dict[Key, np.ndarray], dtype) -> jax.Array:
+    """The global array of `shape` placed as `sharding` says, from the slices this
+    process's devices hold (fresh copies: on CPU they become the devices' memory)."""
+    return jax.make_array_from_callback(shape, sharding,
+                                        lambda index: buffers[_key(index, shape)], dtype=dtype)
+
+
+def _unpacked_slices(packed: np.ndarray, slices: dict[Key, tuple]) -> dict[Key, np.ndarray]:
+    """int4 slices (logical keys) of a 4-bit file's packed bytes [..., K, N/2]: each read
+    as its bytes (half the columns) and unpacked."""
+    halves = {key: (*key[:-1], (key[-1][0] // 2, key[-1][1] // 2)) for key in slices}
+    raw = _read_slices(packed, {half: tuple(slice(a, b) for a, b in half)
+                                for half in halves.values()})
+    return {key: unpack(raw[half]) for key, half in halves.items()}
+
+
+def _int4_slices(value: QuantizedWeight8bit, weight_slices: dict[Key, tuple],
+                 scale_slices: dict[Key, tuple], group: int
+                 ) -> tuple[dict[Key, np.ndarray], dict[Key, np.ndarray]]:
+    """The 4-bit values and scales of the slices this process's devices hold of an 8-bit
+    weight [..., K, N] (host memory maps), each requantised from its own int8 slice and the
+    (small) scales, one leading index (an expert) at a time: no host ever holds a whole
+    tensor, or more than one expert's slice, in float."""
+    rows = value.weight.shape[-2]
+    whole = tuple(slice(0, n) for n in value.scales.shape)
+    scales8 = _read_slices(value.scales, {_key(whole, value.scales.shape): whole})
+    scales8 = next(iter(scales8.values()))
+    int8 = _read_slices(value.weight, weight_slices)
+    weights, scales = {}, {}
+    for key, index in weight_slices.items():
+        first, last = key[-2]
+        block = int8[key]
+        q = np.empty(block.shape, INT4)
+        s = np.empty((*block.shape[:-2], (last - first) // group, block.shape[-1]),
+                     np.dtype(jnp.bfloat16))
+        block_scales = scales8[(*index[:-2], slice(None), index[-1])]
+        for lead in np.ndindex(*block.shape[:-2]):
+            q[lead], s[lead] = requantize4(
+                int8_values(block[lead], block_scales[lead], first, rows), group)
+        weights[key] = q
+        scales[(*key[:-2], (first // group, last // group), key[-1])] = s
+    missing = [key for key in scale_slices if key not in scales]
+    if missing:  # the scales' placement must follow the weight's (param_sharding does)
+        raise ValueError(f"4-bit scales slice {missing[0]} has no matching weight slice")
+    return weights, {key: scales[key] for key in scale_slices}
 
 
 def _parts(value) -> list[tuple[str, np.ndarray]]:
+    if isinstance(value, Int4Tensor):
+        return [("weight", value.packed), ("scales", value.scales)]
     if isinstance(value, QuantizedWeight8bit):
         return [("weight", value.weight), ("scales", value.scales)]
     return [("value", value)]
@@ -451,9 +540,9 @@ class _Stack:
         self.arrays: dict = {}
         self.lock = threading.Lock()
 
-    def put(self, layer: int, host: np.ndarray) -> None:
+    def put(self, layer: int, buffers: dict[Key, np.ndarray]) -> None:
+        """Writes layer `layer`'s slices (keyed as `layer_slices`) into the stacks."""
         shape = self.shape[1:]
-        buffers = _read_slices(host, self.layer_slices)
         with self.lock:
             for device, index in self.indices.items():
                 piece = jax.device_put(buffers[_key(index[1:], shape)], device)
@@ -461,7 +550,6 @@ class _Stack:
                     local = (self.shape[0], *piece.shape)
                     self.arrays[device] = jax.device_put(np.zeros(local, self.dtype), device)
                 self.arrays[device] = _set_layer(self.arrays[device], piece, np.int32(layer))
-        _drop_pages(host)
 
     def array(self) -> jax.Array:
         return jax.make_array_from_single_device_arrays(
@@ -475,72 +563,148 @@ def _set_layer(stack, piece, layer):
 
 def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                     sharding_for: ShardingFor, *, progress: bool | None = None,
-                    verify: bool = False, stacked: bool = False) -> dict:
+                    verify: bool = False, stacked: bool = False,
+                    int4_group: int | None = None, int4_files: bool = True) -> dict:
     """The checkpoint's parameters as `jax.Array`s placed where `sharding_for` says.
 
     `sharding_for(param_path, kind, shape)` returns the sharding of each array, `kind` being
-    "weight" or "scales" for the halves of an 8-bit weight and "value" otherwise. Every
+    "weight" or "scales" for the halves of a quantised weight and "value" otherwise. Every
     header and every sharding is checked before any data is read. Each process then reads
     only the slices its own devices hold, straight from the file into the buffers that
     become the shards, so no host ever holds a copy of more than its share; files load in
     parallel, and large tensors in parallel pieces. `progress`: True always shows a
     progress line on stderr (this process's tensors, bytes and rate), False never, None
     once the load has taken over two seconds. `verify`: first check every file's size and
-    SHA-256 against the manifest beside `ckpt-0` (see `grok.manifest`; a missing manifest
-    is an error), which the format itself cannot do: it has no checksums.
+    SHA-256 against the manifest beside `ckpt-0` (see `grok.checkpoint.manifest`; a missing
+    manifest is an error), which the format itself cannot do: it has no checksums.
 
     `expected` is always the release's per-layer tree, as the files are. With `stacked`,
     the decoder layers' parameters come back as the `scan` tree of `grok.layers` (each
     layer's file read into its slice of one [L, ...] array; `sharding_for` is asked for the
-    stacked path and shape).
+    stacked path and shape). With `int4_group`, the parameters the table stores in 4 bits
+    (`grok.params`) come back as `QuantizedWeight4bit`s in groups of that many rows, each
+    device's slice requantised from its own int8 slice as it is read. A 4-bit checkpoint's
+    files (`grok.checkpoint.int4_format`) come back as `QuantizedWeight4bit`s with their
+    own groups, unless `int4_files` is False (an error: the caller wants int8).
     """
-    opened, treedef = _open_all(path, expected, verify, progress)
+    opened, treedef = _open_all(path, expected, verify, progress, int4_files)
     num_layers = 1 + max((split[1] for name, _ in opened
                           if (split := split_release_path(name)) is not None), default=-1)
     stacks: dict[tuple[str, str], _Stack] = {}
-    placements = []  # per file: (name, 8-bit?, [(kind, host array, sharding or stack), ...])
+
+    def target_for(name: str, split, kind: str, shape: tuple[int, ...], dtype):
+        """The sharding, or the stack, that this file's `kind` array goes to."""
+        target_name, target_shape = (name, shape) if split is None \
+            else (split[0], (num_layers, *shape))
+        sharding = sharding_for(target_name, kind, target_shape)
+        if not isinstance(sharding, jax.sharding.Sharding):
+            raise ValueError(f"sharding_for({target_name!r}, {kind!r}, {list(target_shape)}) "
+                             f"returned a {type(sharding).__name__}, not a "
+                             "jax.sharding.Sharding")
+        if dtype == INT4:
+            dtype = int4_storage(next(iter(sharding.device_set)).platform)
+        if split is None:
+            return sharding
+        if (split[0], kind) not in stacks:
+            stacks[split[0], kind] = _Stack(num_layers, shape, dtype, sharding, split[0])
+        return stacks[split[0], kind]
+
+    def _platform(target) -> str:
+        sharding = target.sharding if isinstance(target, _Stack) else target
+        return next(iter(sharding.device_set)).platform
+
+    def slices_of(target, shape):
+        return target.layer_slices if isinstance(target, _Stack) \
+            else local_slices(shape, target)
+
+    placements = []  # per file: (name, layer or None, value, form, [target per array])
     for name, value in opened:
         split = split_release_path(name) if stacked else None
-        parts = []
-        for kind, host in _parts(value):
-            shape = tuple(host.shape)
-            target_name, target_shape = (name, shape) if split is None \
-                else (split[0], (num_layers, *shape))
-            sharding = sharding_for(target_name, kind, target_shape)
-            if not isinstance(sharding, jax.sharding.Sharding):
-                raise ValueError(f"sharding_for({target_name!r}, {kind!r}, "
-                                 f"{list(target_shape)}) returned a "
-                                 f"{type(sharding).__name__}, not a jax.sharding.Sharding")
-            target = sharding
-            if split is not None:
-                if (split[0], kind) not in stacks:
-                    stacks[split[0], kind] = _Stack(num_layers, shape, host.dtype, sharding,
-                                                    split[0])
-                target = stacks[split[0], kind]
-            parts.append((host, target))
-        placements.append((name, isinstance(value, QuantizedWeight8bit), parts))
-    sizes = [sum(math.prod(_slice_shape(key)) * host.dtype.itemsize
-                 for host, target in parts
-                 for key in (target.layer_slices if isinstance(target, _Stack)
-                             else local_slices(host.shape, target)))
-             for _, _, parts in placements]
+        if isinstance(value, Int4Tensor):
+            form = "int4 file"
+        elif (int4_group is not None and is_quantized(value)
+              and storage(name, "int4") == "int4"):
+            form = "int4"
+        else:
+            form = "as stored"
+        if form == "int4 file":
+            weight = target_for(name, split, "weight", value.shape, INT4)
+            for key in slices_of(weight, value.shape):
+                check_int4_group(value.group, key[-2][1] - key[-2][0],
+                                 f"{name} (a device's share on this mesh)")
+                if key[-1][0] % 2 or key[-1][1] % 2:
+                    raise GrokError(f"{name}: a device's share of the last axis, "
+                                    f"{key[-1][0]}..{key[-1][1]}, splits the bytes that hold "
+                                    "two 4-bit values; use a mesh that splits it evenly")
+            targets = [weight, target_for(name, split, "scales", tuple(value.scales.shape),
+                                          jnp.bfloat16)]
+        elif form == "int4":
+            *lead, rows, columns = value.weight.shape
+            weight = target_for(name, split, "weight", tuple(value.weight.shape), INT4)
+            for key in slices_of(weight, tuple(value.weight.shape)):
+                check_int4_group(int4_group, key[-2][1] - key[-2][0],
+                                 f"{name} (a device's share on this mesh)")
+            scales_shape = (*lead, rows // int4_group, columns)
+            targets = [weight, target_for(name, split, "scales", scales_shape, jnp.bfloat16)]
+        else:
+            targets = [target_for(name, split, kind, tuple(host.shape), host.dtype)
+                       for kind, host in _parts(value)]
+        placements.append((name, None if split is None else split[1], value, form, targets))
+    def bytes_read(value, form: str, targets: list) -> int:
+        if form == "int4 file":
+            return sum(math.prod(_slice_shape(key)) // 2
+                       for key in slices_of(targets[0], value.shape)) + sum(
+                math.prod(_slice_shape(key)) * 2
+                for key in slices_of(targets[1], tuple(value.scales.shape)))
+        if form == "int4":  # this process's int8 slices, and all of the (small) scales
+            return value.scales.nbytes + sum(
+                math.prod(_slice_shape(key)) for key in
+                slices_of(targets[0], tuple(value.weight.shape)))
+        return sum(math.prod(_slice_shape(key)) * host.dtype.itemsize
+                   for (_, host), target in zip(_parts(value), targets, strict=True)
+                   for key in slices_of(target, tuple(host.shape)))
+
+    sizes = [bytes_read(value, form, targets) for _, _, value, form, targets in placements]
     meter = _Progress(len(opened), sum(sizes), progress)
     budget = _ByteBudget(max(sizes, default=0))
 
-    def load_one(item: tuple[tuple[str, bool, list], int]):
-        (name, quantized, parts), nbytes = item
+    def load_one(item):
+        (name, layer, value, form, targets), nbytes = item
+        hosts = [host for _, host in _parts(value)]
         with budget.hold(nbytes):
+            if form == "int4 file":
+                shapes = [value.shape, tuple(value.scales.shape)]
+                buffers = [_unpacked_slices(value.packed, slices_of(targets[0], shapes[0])),
+                           _read_slices(value.scales, slices_of(targets[1], shapes[1]))]
+            elif form == "int4":
+                shapes = [tuple(value.weight.shape),
+                          (*value.scales.shape[:-2], value.weight.shape[-2] // int4_group,
+                           value.scales.shape[-1])]
+                buffers = list(_int4_slices(value, slices_of(targets[0], shapes[0]),
+                                            slices_of(targets[1], shapes[1]), int4_group))
+            else:
+                shapes = [tuple(host.shape) for host in hosts]
+                buffers = [_read_slices(host, slices_of(target, shape))
+                           for host, target, shape in zip(hosts, targets, shapes, strict=True)]
+                dtypes = [host.dtype for host in hosts]
+            if form != "as stored":  # 4-bit values, held as the devices' platform holds them
+                dtypes = [int4_storage(_platform(targets[0])), jnp.bfloat16]
+                buffers[0] = {key: part.astype(dtypes[0]) for key, part in buffers[0].items()}
+            for host in hosts:
+                _drop_pages(host)
             arrays = []
-            for host, target in parts:
+            for target, shape, parts, dtype in zip(targets, shapes, buffers, dtypes,
+                                                   strict=True):
                 if isinstance(target, _Stack):
-                    target.put(split_release_path(name)[1], host)
+                    target.put(layer, parts)
                     arrays.append(None)
                 else:
-                    arrays.append(_place(host, target))
-            value = QuantizedWeight8bit(*arrays) if quantized else arrays[0]
+                    arrays.append(_assemble(shape, target, parts, dtype))
+            quantized = QuantizedWeight8bit if form == "as stored" else QuantizedWeight4bit
+            loaded = quantized(*arrays) if len(arrays) == 2 else arrays[0]
             jax.block_until_ready([a for a in arrays if a is not None])
         meter.add(nbytes)
-        return name, value
+        return name, loaded
 
     try:
         with ThreadPoolExecutor(min(_MAX_THREADS, max(len(opened), 1))) as pool:
@@ -550,16 +714,18 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     if not stacked:
         return jax.tree_util.tree_unflatten(treedef, [value for _, value in loaded])
     params: dict = {}
-    for name, value in loaded:
+    for (name, value), (_, _, _, form, _) in zip(loaded, placements, strict=True):
         split = split_release_path(name)
         if split is not None:
             if split[1] != 0:  # the stack is the value of its layer 0
                 continue
             name = split[0]
-            value = (QuantizedWeight8bit(stacks[name, "weight"].array(),
-                                         stacks[name, "scales"].array())
-                     if (name, "weight") in stacks else stacks[name, "value"].array())
+            if (name, "weight") in stacks:
+                quantized = QuantizedWeight8bit if form == "as stored" else QuantizedWeight4bit
+                value = quantized(stacks[name, "weight"].array(),
+                                  stacks[name, "scales"].array())
+            else:
+                value = stacks[name, "value"].array()
         module, param = name.rsplit("/", 1)
         params.setdefault(module, {})[param] = value
     return params
-

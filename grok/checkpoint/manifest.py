@@ -22,8 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from grok.checkpoint.files import error, excerpt, kind_of, open_regular, printable
 from grok.errors import CheckpointError
-from grok.files import error, excerpt, kind_of, open_regular, printable
 
 FORMAT = "grok-checkpoint-manifest/1"
 SUFFIX = ".manifest.json"

@@ -27,8 +27,8 @@ from typing import NoReturn
 import ml_dtypes
 import numpy as np
 
+from grok.checkpoint.files import NamedFile, error, excerpt, open_regular
 from grok.errors import CheckpointError
-from grok.files import error, excerpt, open_regular
 from grok.quant import QuantizedWeight8bit, check_groups
 
 # dtypes a tensor may have; the stream names them by these numpy codes (or ml_dtypes.bfloat16).
@@ -538,7 +538,7 @@ def open_tensor(path: str | os.PathLike, header: ArrayHeader | QuantizedHeader,
     fd = open_regular(path, where)
     try:
         with open(fd, "rb", closefd=True) as raw:
-            f = _NamedFile(raw, path)
+            f = NamedFile(raw, path)
             size = os.fstat(fd).st_size
             end = max(part.offset + part.nbytes for part in parts)
             if size < end:
@@ -551,17 +551,6 @@ def open_tensor(path: str | os.PathLike, header: ArrayHeader | QuantizedHeader,
         raise error(path, f"cannot map the tensor's data ({type(e).__name__}: "
                           f"{excerpt(str(e), 120)})", where) from e
     return QuantizedWeight8bit(*arrays) if len(arrays) == 2 else arrays[0]
-
-
-class _NamedFile:
-    """A file object whose `name` is its path, so that `np.memmap` records the path (the
-    loader reopens it by name) while mapping the descriptor this module opened safely."""
-
-    def __init__(self, f, name: str):
-        self._f, self.name = f, name
-
-    def __getattr__(self, attr):
-        return getattr(self._f, attr)
 
 
 def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:

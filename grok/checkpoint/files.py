@@ -89,3 +89,14 @@ def open_regular(path: str | os.PathLike, where: str | None = None) -> int:
         os.close(fd)
         raise error(path, f"expected a tensor file, found {kind_of(mode)}", where)
     return fd
+
+
+class NamedFile:
+    """A file object whose `name` is its path, so that `np.memmap` records the path (the
+    loader reopens it by name) while mapping the descriptor `open_regular` opened safely."""
+
+    def __init__(self, f, name: str):
+        self._f, self.name = f, name
+
+    def __getattr__(self, attr):
+        return getattr(self._f, attr)
