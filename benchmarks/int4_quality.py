@@ -80,7 +80,7 @@ def random_model(groups: list[int], positions: int) -> dict:
         write_random_checkpoint(QUALITY_CONFIG, Path(folder))
         int8 = Grok.load(folder, config, mesh_shape=(1, 1), weights="int8", progress=False)
         prompt = np.random.default_rng(0).integers(3, config.vocab_size, 16).tolist()
-        text = int8.generate(prompt, temperature=0, max_new_tokens=positions).tokens
+        text = int8.generate(prompt, temperature=0, max_new_tokens=positions).output_ids
         tokens = np.asarray([prompt + list(text)])
         want = int8.logits(tokens)[0, len(prompt) - 1:]
         del int8
@@ -101,20 +101,26 @@ def main() -> None:
                         help="group sizes for the random model (default: %(default)s)")
     parser.add_argument("--positions", type=int, default=256,
                         help="greedy positions compared on the random model")
+    parser.add_argument("--parts", default="demo,fixture,random",
+                        help="which measurements (default: %(default)s)")
     parser.add_argument("--fixture", type=Path,
                         default=REPO.parent / "shared" / "fixtures" / "upstream-tiny")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     results: dict = {}
-    log("demo: 1000 held-out problems ...")
-    results["demo"] = {"int8": demo_accuracy("int8", DEMO_GROUP),
-                       f"int4_g{DEMO_GROUP}": demo_accuracy("int4", DEMO_GROUP)}
-    log(f"demo: {results['demo']}")
-    if (args.fixture / "reference_logits.npy").is_file():
+    if "demo" in parts:
+        log("demo: 1000 held-out problems ...")
+        results["demo"] = {"int8": demo_accuracy("int8", DEMO_GROUP),
+                           f"int4_g{DEMO_GROUP}": demo_accuracy("int4", DEMO_GROUP)}
+        log(f"demo: {results['demo']}")
+    if "fixture" in parts and (args.fixture / "reference_logits.npy").is_file():
         results["fixture"] = fixture_errors(args.fixture)
         log(f"fixture: {results['fixture']}")
-    else:
+    elif "fixture" in parts:
         log(f"fixture: not found at {args.fixture}, skipped")
-    results["random"] = random_model([int(g) for g in args.groups.split(",")], args.positions)
+    if "random" in parts:
+        results["random"] = random_model([int(g) for g in args.groups.split(",")],
+                                         args.positions)
     print(json.dumps(results, indent=1))
 
 

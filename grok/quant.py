@@ -67,7 +67,25 @@ class QuantizedWeight8bit(QuantizedWeight):
 @jax.tree_util.register_pytree_node_class
 class QuantizedWeight4bit(QuantizedWeight):
     """4-bit values (`int4_storage`: int4, which XLA packs two to a byte, or int8 on CPU)
-    and bf16 scales."""
+    and their bf16 scales, both held with the contracting axis last: `weight` [..., N, K],
+    `scales` [..., N, G]. Held [..., K, N] and [..., G, N] like 8-bit ones, XLA:GPU
+    relaid out the whole [L, E, ...] stacks at every step before scanning the layers
+    (`grok-plan`: 6 GiB a decode step for grok-1 on h100x8); held K-last, it copies none."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, n, k = self.weight.shape
+        return (*lead, k, n)
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[-1]
+
+    @classmethod
+    def from_values(cls, values, scales) -> QuantizedWeight4bit:
+        """From values [..., K, N] and scales [..., G, N] (host arrays), as `requantize4`
+        gives them."""
+        return cls(*(np.ascontiguousarray(np.swapaxes(a, -1, -2)) for a in (values, scales)))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -156,6 +174,12 @@ def dequantize(w, dtype=jnp.bfloat16):
     """
     if not isinstance(w, QuantizedWeight):
         return jnp.asarray(w).astype(dtype)
+    if isinstance(w, QuantizedWeight4bit):  # [..., N, K], grouped along K
+        *lead, n, k = w.weight.shape
+        g = w.groups
+        grouped = w.weight.astype(jnp.float32).reshape(*lead, n, g, k // g)
+        values = grouped * w.scales.astype(jnp.float32)[..., None]
+        return jnp.swapaxes(values.reshape(w.weight.shape).astype(dtype), -1, -2)
     weight, scales = w.weight, w.scales
     *lead, k, n = weight.shape
     g = scales.shape[-2]
@@ -214,7 +238,7 @@ def requantize4(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]
 def quantize4(w: QuantizedWeight8bit, group: int) -> QuantizedWeight4bit:
     """The 4-bit form of a whole 8-bit weight (host arrays)."""
     values = int8_values(np.asarray(w.weight), np.asarray(w.scales))
-    return QuantizedWeight4bit(*requantize4(values, group))
+    return QuantizedWeight4bit.from_values(*requantize4(values, group))
 
 
 def is_quantized(x) -> bool:

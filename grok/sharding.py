@@ -96,6 +96,13 @@ def param_sharding(mesh: Mesh, path: str, kind: str, shape) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def k_last(target: NamedSharding, ndim: int) -> NamedSharding:
+    """The placement of an array's [..., N, K] form (a 4-bit weight, `quant`) from that of
+    its logical [..., K, N] one: the last two axes' splits swapped."""
+    spec = (*target.spec, *(None,) * (ndim - len(target.spec)))
+    return NamedSharding(target.mesh, P(*spec[:-2], spec[-1], spec[-2]))
+
+
 def put(host, target: jax.sharding.Sharding) -> jax.Array:
     """A global array from a host array that every process holds whole and alike: each
     device takes its slice (`jax.device_put` would check across processes first). The

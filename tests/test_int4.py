@@ -76,8 +76,11 @@ def test_int4_round_trips_through_the_devices_and_dequantizes_exactly():
     assert on_device.weight.dtype == jnp.int4
     np.testing.assert_array_equal(np.asarray(on_device.weight), w4.weight)
     got = np.asarray(jax.jit(dequantize)(on_device))
-    want = (w4.weight.astype(np.float32).reshape(3, 2, 32, 24)
-            * w4.scales.astype(np.float32)[:, :, None, :]).reshape(3, 64, 24).astype(BF16)
+    assert w4.weight.shape == (3, 24, 64) and w4.shape == (3, 64, 24)  # held K-last
+    assert w4.scales.shape == (3, 24, 2) and w4.groups == 2
+    want = (np.swapaxes(w4.weight, -1, -2).astype(np.float32).reshape(3, 2, 32, 24)
+            * np.swapaxes(w4.scales, -1, -2).astype(np.float32)[:, :, None, :]
+            ).reshape(3, 64, 24).astype(BF16)
     assert got.dtype == BF16
     np.testing.assert_array_equal(got, want)
     assert nbytes(w4.weight.shape, w4.weight.dtype) == 3 * 64 * 24 // 2
@@ -92,8 +95,9 @@ def test_a_slice_converts_as_its_part_of_the_whole(first, rows):
     whole = quantize4(w8, 16)
     block = int8_values(w8.weight[:, first:first + rows], w8.scales, first, 96)
     q, scales = requantize4(block, 16)
-    np.testing.assert_array_equal(q, whole.weight[:, first:first + rows])
-    np.testing.assert_array_equal(scales, whole.scales[:, first // 16:(first + rows) // 16])
+    np.testing.assert_array_equal(q, np.swapaxes(whole.weight, -1, -2)[:, first:first + rows])
+    np.testing.assert_array_equal(
+        scales, np.swapaxes(whole.scales, -1, -2)[:, first // 16:(first + rows) // 16])
 
 
 @pytest.mark.parametrize("group, message", [

@@ -186,7 +186,7 @@ def test_damaged_4bit_files_fail_cleanly(converted, tmp_path, change, message):
     target = copy / "ckpt-0" / checkpoint.tensor_name(EXPERT_INDEX)
     if change == "other shape":  # a sound 4-bit file of another shape
         target.unlink()
-        int4_format.write_tensor(target, QuantizedWeight4bit(
+        int4_format.write_tensor(target, QuantizedWeight4bit.from_values(
             np.zeros((8, 64, 256), ml_dtypes.int4), np.zeros((8, 4, 256), ml_dtypes.bfloat16)))
     else:
         target.write_bytes(_damaged(target.read_bytes(), change))
@@ -217,6 +217,6 @@ def test_a_4bit_file_where_no_expert_belongs_is_refused(converted, tmp_path):
 
 def test_writing_a_bad_value_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, GrokError), match=r"even last axis"):
-        int4_format.write_tensor(tmp_path / "t", QuantizedWeight4bit(
+        int4_format.write_tensor(tmp_path / "t", QuantizedWeight4bit.from_values(
             np.zeros((4, 3), ml_dtypes.int4), np.zeros((1, 3), ml_dtypes.bfloat16)))
     assert not list(tmp_path.iterdir())

@@ -2,8 +2,10 @@
 before either happens; and the one-line refusal of a run that cannot fit."""
 
 import collections
+import dataclasses
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from grok import Grok, sharding
@@ -35,6 +37,17 @@ def test_planned_bytes_are_what_load_and_engine_allocate(fixture_dir, mesh_shape
     assert planned.state == real_bytes_per_device(state)
 
 
+def test_planned_int4_bytes_are_what_load_allocates(fixture_dir):
+    """4-bit experts (int8 containers on CPU), requantised while loading, in groups of 8
+    rows (the fixture's expert width, 1368, takes no more)."""
+    shape = sizes.RunShape(TINY, (1, 1), "int4", "scan", max_batch=2, max_seq_len=32,
+                           int4_group=8)
+    planned = sizes.footprint(shape, sharding.make_mesh((1, 1)))
+    grok = Grok.load(fixture_dir, "tiny", mesh_shape=(1, 1), weights="int4", layers="scan",
+                     int4_group=8)
+    assert planned.weights == real_bytes_per_device(grok.params)
+
+
 def test_grok1_int8_weights_per_device():
     """The figure README quotes: int8 grok-1 on 8 devices of `model`, scanned layers (CPU
     would hold float32; the layout is the same)."""
@@ -56,7 +69,12 @@ def test_a_run_that_cannot_fit_is_one_line_naming_what_would(monkeypatch):
     assert "\n" not in message and len(message) < 400
     assert message.startswith("grok-1 with int8 weights needs ")
     assert "of weights per device on this 1x4 mesh" in message
-    assert "use at least 8 devices" in message
+    assert "use at least 8 devices" in message and "int4" not in message  # CPU: int8 holds it
+    # Where 4-bit values are packed two to a byte (accelerators), int4 is the way out.
+    monkeypatch.setattr(sizes, "int4_storage", lambda platform: jnp.int4)
+    with pytest.raises(GrokError, match=r"use at least 8 devices, or --weights int4 \(\d+\.\d "
+                                        r"GiB of weights per device\)"):
+        sizes.check_fits(shape, mesh, name="grok-1")
 
     monkeypatch.setattr(sizes, "device_memory", lambda device: 45 * sizes.GIB)
     mesh = sharding.make_mesh((1, 8))
@@ -184,3 +202,30 @@ def test_server_refuses_a_run_that_cannot_fit_before_loading(monkeypatch, capsys
     assert serve.main(["--max-batch", "auto", "--memory-fraction", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --memory-fraction must be in (0, 1], got 1.5")
+
+
+@pytest.mark.slow  # two deviceless compiles
+def test_int4_stacks_are_read_in_place_on_gpus():
+    """Scanned 4-bit experts on eight compile-only H100s: the decode step's temporaries do
+    not grow with the layers. Held [..., K, N] like 8-bit ones, XLA relaid out every
+    layer's 4-bit weights and scales before the layer loop, at every step (then 0.55 MB a
+    layer here, 6 GiB a step for grok-1)."""
+    from grok.plan import plan, targets
+
+    try:
+        target = plan.gpu_target("h100x8")
+    except GrokError as e:
+        if targets.INSTALL_HINT in str(e):
+            pytest.skip(str(e))
+        raise
+    mesh = sharding.make_mesh((1, 8), devices=target.devices)
+    temps = []
+    for layers in (2, 8):
+        config = dataclasses.replace(TINY, emb_size=512, widening_factor=6, key_size=64,
+                                     num_q_heads=8, num_kv_heads=8, num_layers=layers)
+        params = sizes.stored_params(config, mesh, "int4", "scan", int4_group=64)
+        engine = Grok(config, params, mesh, layers="scan").engine(8, 256)
+        temps.append(engine.compile_program(("decode", 8, 256)).memory_analysis()
+                     .temp_size_in_bytes)
+    stack_bytes_per_layer = 3 * 8 * 512 * (config.ffn_size // 8) // 2
+    assert temps[1] - temps[0] < 6 * stack_bytes_per_layer / 10

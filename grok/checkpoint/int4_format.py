@@ -90,7 +90,8 @@ class Int4Tensor:
 
     def unpacked(self) -> QuantizedWeight4bit:
         """The whole tensor as host arrays (small tensors and tests)."""
-        return QuantizedWeight4bit(unpack(np.asarray(self.packed)), np.array(self.scales))
+        return QuantizedWeight4bit.from_values(unpack(np.asarray(self.packed)),
+                                               np.array(self.scales))
 
 
 def pack(q: np.ndarray) -> np.ndarray:
@@ -162,12 +163,12 @@ def write_tensor(path: str | os.PathLike,
             raise ValueError(f"{path}: requantising an 8-bit weight needs a group size")
         shape = tuple(value.weight.shape)
     elif isinstance(value, QuantizedWeight4bit):
-        shape = tuple(value.weight.shape)
-        group = shape[-2] // value.scales.shape[-2]
-        if value.scales.shape != (*shape[:-2], shape[-2] // group, shape[-1]) \
+        shape = tuple(value.shape)
+        group = shape[-2] // value.groups
+        if value.scales.shape != (*shape[:-2], shape[-1], shape[-2] // group) \
                 or np.dtype(value.weight.dtype) != np.dtype(INT4):
-            raise ValueError(f"{path}: expected int4 values and scales [..., K/G, N], got "
-                             f"{value!r:.200}")
+            raise ValueError(f"{path}: expected int4 values [..., N, K] and scales "
+                             f"[..., N, K/G], got {value!r:.200}")
     else:
         raise ValueError(f"{path}: expected a QuantizedWeight4bit or QuantizedWeight8bit, "
                          f"got {type(value).__name__}")
@@ -192,9 +193,10 @@ def write_tensor(path: str | os.PathLike,
                     elif isinstance(value, Int4Tensor):
                         q = unpack(np.asarray(value.packed[lead][first:last]))
                         s = np.asarray(value.scales[lead][first // group:last // group])
-                    else:
-                        q = np.asarray(value.weight[lead][first:last])
-                        s = np.asarray(value.scales[lead][first // group:last // group])
+                    else:  # held [..., N, K] and [..., N, K/G]
+                        q = np.swapaxes(np.asarray(value.weight[lead])[:, first:last], 0, 1)
+                        s = np.swapaxes(np.asarray(
+                            value.scales[lead])[:, first // group:last // group], 0, 1)
                     f.write(pack(q).tobytes())
                     scales[lead][first // group:last // group] = s
             f.write(b"\0" * (header.scales_offset - header.weight_offset

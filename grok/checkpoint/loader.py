@@ -46,6 +46,7 @@ from grok.quant import (
     quantize,
     requantize4,
 )
+from grok.sharding import k_last
 
 CKPT_DIR = "ckpt-0"
 _TENSOR_FILE = re.compile(r"tensor(\d{5,})_(\d{3})")
@@ -469,6 +470,11 @@ def _assemble(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
                                         lambda index: buffers[_key(index, shape)], dtype=dtype)
 
 
+def _swap(pair: tuple) -> tuple:
+    """A shape or slice key with its last two axes swapped."""
+    return (*pair[:-2], pair[-1], pair[-2])
+
+
 def _unpacked_slices(packed: np.ndarray, slices: dict[Key, tuple]) -> dict[Key, np.ndarray]:
     """int4 slices (logical keys) of a 4-bit file's packed bytes [..., K, N/2]: each read
     as its bytes (half the columns) and unpacked."""
@@ -592,8 +598,11 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                           if (split := split_release_path(name)) is not None), default=-1)
     stacks: dict[tuple[str, str], _Stack] = {}
 
-    def target_for(name: str, split, kind: str, shape: tuple[int, ...], dtype):
-        """The sharding, or the stack, that this file's `kind` array goes to."""
+    def target_for(name: str, split, kind: str, shape: tuple[int, ...], dtype,
+                   k_last_form: bool = False):
+        """The sharding, or the stack, that this file's `kind` array (of logical `shape`)
+        goes to; with `k_last_form`, for its form with the last two axes swapped (4-bit
+        weights and scales, `QuantizedWeight4bit`)."""
         target_name, target_shape = (name, shape) if split is None \
             else (split[0], (num_layers, *shape))
         sharding = sharding_for(target_name, kind, target_shape)
@@ -603,6 +612,9 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                              "jax.sharding.Sharding")
         if dtype == INT4:
             dtype = int4_storage(next(iter(sharding.device_set)).platform)
+        if k_last_form:
+            sharding = k_last(sharding, len(target_shape))
+            shape = _swap(shape)
         if split is None:
             return sharding
         if (split[0], kind) not in stacks:
@@ -627,42 +639,42 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
             form = "int4"
         else:
             form = "as stored"
-        if form == "int4 file":
-            weight = target_for(name, split, "weight", value.shape, INT4)
-            for key in slices_of(weight, value.shape):
-                check_int4_group(value.group, key[-2][1] - key[-2][0],
-                                 f"{name} (a device's share on this mesh)")
-                if key[-1][0] % 2 or key[-1][1] % 2:
-                    raise GrokError(f"{name}: a device's share of the last axis, "
-                                    f"{key[-1][0]}..{key[-1][1]}, splits the bytes that hold "
-                                    "two 4-bit values; use a mesh that splits it evenly")
-            targets = [weight, target_for(name, split, "scales", tuple(value.scales.shape),
-                                          jnp.bfloat16)]
-        elif form == "int4":
-            *lead, rows, columns = value.weight.shape
-            weight = target_for(name, split, "weight", tuple(value.weight.shape), INT4)
-            for key in slices_of(weight, tuple(value.weight.shape)):
-                check_int4_group(int4_group, key[-2][1] - key[-2][0],
-                                 f"{name} (a device's share on this mesh)")
-            scales_shape = (*lead, rows // int4_group, columns)
-            targets = [weight, target_for(name, split, "scales", scales_shape, jnp.bfloat16)]
-        else:
+        if form == "as stored":
             targets = [target_for(name, split, kind, tuple(host.shape), host.dtype)
                        for kind, host in _parts(value)]
+        else:
+            *lead, rows, columns = value.shape
+            group = value.group if form == "int4 file" else int4_group
+            weight = target_for(name, split, "weight", tuple(value.shape), INT4, True)
+            for key in slices_of(weight, (*lead, columns, rows)):  # held [..., N, K]
+                check_int4_group(group, key[-1][1] - key[-1][0],
+                                 f"{name} (a device's share on this mesh)")
+                if form == "int4 file" and (key[-2][0] % 2 or key[-2][1] % 2):
+                    raise GrokError(f"{name}: a device's share of the last axis, "
+                                    f"{key[-2][0]}..{key[-2][1]}, splits the bytes that hold "
+                                    "two 4-bit values; use a mesh that splits it evenly")
+            targets = [weight, target_for(name, split, "scales", (*lead, rows // group, columns),
+                                          jnp.bfloat16, True)]
         placements.append((name, None if split is None else split[1], value, form, targets))
+
+    def shapes_of(value, form: str) -> list[tuple[int, ...]]:
+        """The shapes of the arrays a file becomes (a 4-bit weight's held [..., N, K])."""
+        if form == "as stored":
+            return [tuple(host.shape) for _, host in _parts(value)]
+        *lead, rows, columns = value.shape
+        group = value.group if form == "int4 file" else int4_group
+        return [(*lead, columns, rows), (*lead, columns, rows // group)]  # K-last forms
+
     def bytes_read(value, form: str, targets: list) -> int:
-        if form == "int4 file":
-            return sum(math.prod(_slice_shape(key)) // 2
-                       for key in slices_of(targets[0], value.shape)) + sum(
-                math.prod(_slice_shape(key)) * 2
-                for key in slices_of(targets[1], tuple(value.scales.shape)))
+        shapes = shapes_of(value, form)
+        elements = [sum(math.prod(_slice_shape(key)) for key in slices_of(target, shape))
+                    for target, shape in zip(targets, shapes, strict=True)]
+        if form == "int4 file":  # packed values, and the scales
+            return elements[0] // 2 + elements[1] * 2
         if form == "int4":  # this process's int8 slices, and all of the (small) scales
-            return value.scales.nbytes + sum(
-                math.prod(_slice_shape(key)) for key in
-                slices_of(targets[0], tuple(value.weight.shape)))
-        return sum(math.prod(_slice_shape(key)) * host.dtype.itemsize
-                   for (_, host), target in zip(_parts(value), targets, strict=True)
-                   for key in slices_of(target, tuple(host.shape)))
+            return elements[0] + value.scales.nbytes
+        return sum(count * host.dtype.itemsize
+                   for count, (_, host) in zip(elements, _parts(value), strict=True))
 
     sizes = [bytes_read(value, form, targets) for _, _, value, form, targets in placements]
     meter = _Progress(len(opened), sum(sizes), progress)
@@ -671,25 +683,26 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     def load_one(item):
         (name, layer, value, form, targets), nbytes = item
         hosts = [host for _, host in _parts(value)]
+        shapes = shapes_of(value, form)
+        slices = [slices_of(target, shape)
+                  for target, shape in zip(targets, shapes, strict=True)]
         with budget.hold(nbytes):
-            if form == "int4 file":
-                shapes = [value.shape, tuple(value.scales.shape)]
-                buffers = [_unpacked_slices(value.packed, slices_of(targets[0], shapes[0])),
-                           _read_slices(value.scales, slices_of(targets[1], shapes[1]))]
-            elif form == "int4":
-                shapes = [tuple(value.weight.shape),
-                          (*value.scales.shape[:-2], value.weight.shape[-2] // int4_group,
-                           value.scales.shape[-1])]
-                buffers = list(_int4_slices(value, slices_of(targets[0], shapes[0]),
-                                            slices_of(targets[1], shapes[1]), int4_group))
-            else:
-                shapes = [tuple(host.shape) for host in hosts]
-                buffers = [_read_slices(host, slices_of(target, shape))
-                           for host, target, shape in zip(hosts, targets, shapes, strict=True)]
+            if form == "as stored":
+                buffers = [_read_slices(host, part)
+                           for host, part in zip(hosts, slices, strict=True)]
                 dtypes = [host.dtype for host in hosts]
-            if form != "as stored":  # 4-bit values, held as the devices' platform holds them
+            else:  # 4-bit values and scales by their logical slices, then held K-last
+                logical = [{_swap(key): _swap(index) for key, index in part.items()}
+                           for part in slices]
+                if form == "int4 file":
+                    values = _unpacked_slices(value.packed, logical[0])
+                    scales = _read_slices(value.scales, logical[1])
+                else:
+                    values, scales = _int4_slices(value, *logical, int4_group)
                 dtypes = [int4_storage(_platform(targets[0])), jnp.bfloat16]
-                buffers[0] = {key: part.astype(dtypes[0]) for key, part in buffers[0].items()}
+                buffers = [{_swap(key): np.ascontiguousarray(
+                    np.swapaxes(part, -1, -2).astype(dtype)) for key, part in held.items()}
+                    for held, dtype in zip((values, scales), dtypes, strict=True)]
             for host in hosts:
                 _drop_pages(host)
             arrays = []

@@ -100,11 +100,16 @@ def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str,
                 mesh, path, kind, shape))
         if is_quantized(value) and storage(path, weights) == "int4":
             *lead, rows, columns = value.shape
-            weight = one("weight", value.shape, int4_storage(platform))
-            check_int4_group(int4_group, weight.sharding.shard_shape(value.shape)[-2],
+            logical = sharding.param_sharding(mesh, path, "weight", value.shape)
+            check_int4_group(int4_group, logical.shard_shape(value.shape)[-2],
                              f"{path} (a device's share on this mesh)")
-            value = QuantizedWeight4bit(
-                weight, one("scales", (*lead, rows // int4_group, columns), jnp.bfloat16))
+            groups = rows // int4_group
+            scales = sharding.param_sharding(mesh, path, "scales", (*lead, groups, columns))
+            value = QuantizedWeight4bit(  # held K-last (see QuantizedWeight4bit)
+                jax.ShapeDtypeStruct((*lead, columns, rows), int4_storage(platform),
+                                     sharding=sharding.k_last(logical, len(value.shape))),
+                jax.ShapeDtypeStruct((*lead, columns, groups), jnp.bfloat16,
+                                     sharding=sharding.k_last(scales, len(value.shape))))
         elif is_quantized(value):
             value = QuantizedWeight8bit(one("weight", value.weight.shape, value.weight.dtype),
                                         one("scales", value.scales.shape, value.scales.dtype))
