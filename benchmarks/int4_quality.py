@@ -11,7 +11,9 @@ Three measurements, printed as one JSON object (progress on stderr):
   computed (`upstream-tiny`, whose widths admit groups of 8), int8 beside int4.
 - random: a random model of full vocabulary (`configs/int4-quality.json`, widths that
   groups of 32 to 128 divide) in the released format; greedy text from int8 weights, then
-  both modes' logits over it: top-1 agreement and mean KL(int8 || int4) per position.
+  both modes' logits over it: top-1 agreement and mean KL(int8 || int4) per position,
+  beside the same figures for int8's own values computed another way (`dequantized`),
+  which differ by rounding alone: the floor of what these measures can tell apart.
 """
 
 from __future__ import annotations
@@ -84,7 +86,16 @@ def random_model(groups: list[int], positions: int) -> dict:
         tokens = np.asarray([prompt + list(text)])
         want = int8.logits(tokens)[0, len(prompt) - 1:]
         del int8
-        out = {"positions": int(want.shape[0])}
+        p = np.exp(log_softmax(want))
+        out = {"positions": int(want.shape[0]),
+               "int8_mean_top1_probability": float(p.max(-1).mean()),
+               "int8_mean_top1_margin": float(np.mean(np.diff(np.sort(want, -1)[:, -2:], axis=-1)))}
+        # The floor: the same int8 values computed another way (float32 on CPU, once
+        # converted), which moves logits by rounding alone.
+        floor = Grok.load(folder, config, mesh_shape=(1, 1), weights="dequantized",
+                          progress=False)
+        out["dequantized"] = compare(want, floor.logits(tokens)[0, len(prompt) - 1:])
+        del floor
         for group in groups:
             start = time.perf_counter()
             int4 = Grok.load(folder, config, mesh_shape=(1, 1), weights="int4",

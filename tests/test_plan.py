@@ -141,6 +141,18 @@ def test_progress_text():
     assert lines == ["compiling: 0/4 programs, 0 s", "compiling: 4/4 programs, 4 s"]
 
 
+def h100x8():
+    """Eight compile-only H100s; skips, saying so, where the plan extra is missing."""
+    from grok.plan import plan, targets
+
+    try:
+        return plan.gpu_target("h100x8")
+    except GrokError as e:
+        if targets.INSTALL_HINT in str(e):
+            pytest.skip(str(e))
+        raise
+
+
 def test_plan_for_eight_h100s_without_a_gpu():
     """The plan of a small config with grok-1's layout (int8, scanned layers) on eight
     compile-only H100s: the state is donated into decode, each scanned layer all-reduces
@@ -148,12 +160,7 @@ def test_plan_for_eight_h100s_without_a_gpu():
     (they are read from it in place)."""
     from grok.plan import plan, targets
 
-    try:
-        target = plan.gpu_target("h100x8")
-    except GrokError as e:
-        if targets.INSTALL_HINT in str(e):
-            pytest.skip(str(e))
-        raise
+    target = h100x8()
     shape = sizes.RunShape(TINY, None, "int8", "scan", max_batch=8, max_seq_len=256)
     result = plan.make_plan(shape, target, kinds=("prefill", "decode"), largest=True)
     assert result.mesh_shape == (1, 8) and result.run.layers == "scan"
@@ -210,14 +217,7 @@ def test_int4_stacks_are_read_in_place_on_gpus():
     not grow with the layers. Held [..., K, N] like 8-bit ones, XLA relaid out every
     layer's 4-bit weights and scales before the layer loop, at every step (then 0.55 MB a
     layer here, 6 GiB a step for grok-1)."""
-    from grok.plan import plan, targets
-
-    try:
-        target = plan.gpu_target("h100x8")
-    except GrokError as e:
-        if targets.INSTALL_HINT in str(e):
-            pytest.skip(str(e))
-        raise
+    target = h100x8()
     mesh = sharding.make_mesh((1, 8), devices=target.devices)
     temps = []
     for layers in (2, 8):

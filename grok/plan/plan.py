@@ -22,7 +22,7 @@ from grok.engine.engine import MAX_SLOTS, Engine, state_shapes
 from grok.errors import GrokError
 from grok.plan import hlo, sizes, targets
 from grok.plan.sizes import Footprint, RunShape, gib
-from grok.quant import is_quantized
+from grok.quant import QuantizedWeight4bit, is_quantized
 
 PROGRAM_KINDS = ("init", "prefill", "decode")
 
@@ -224,9 +224,8 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
     footprint = sizes.footprint(run, mesh, params)
     engine = grok.engine(run.max_batch, run.max_seq_len)
     keys = select(engine.warmup_keys(), kinds, largest)
-    weight_shapes = [leaf.weight.sharding.shard_shape(leaf.weight.shape)
-                     for leaf in jax.tree.leaves(params, is_leaf=is_quantized)
-                     if is_quantized(leaf)]
+    weight_shapes = [shape for leaf in jax.tree.leaves(params, is_leaf=is_quantized)
+                     if is_quantized(leaf) for shape in _weight_forms(leaf)]
     reports = []
     start = time.perf_counter()
     if progress is not None:
@@ -239,6 +238,21 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
             progress(done, len(keys), time.perf_counter() - start)
     return Plan(run, target, mesh_shape, footprint, memory_fraction,
                 len(engine.warmup_keys()), tuple(reports))
+
+
+def _weight_forms(w) -> list[tuple[int, ...]]:
+    """The per-device shapes a quantised weight's values take when dequantised: as held,
+    and split into its scale groups ([..., G, K/G, N] for 8 bits, [..., N, G, K/G] for 4
+    bits held K-last), which is how XLA writes them when it does."""
+    held = tuple(w.weight.sharding.shard_shape(w.weight.shape))
+    scales = tuple(w.scales.sharding.shard_shape(w.scales.shape))
+    if isinstance(w, QuantizedWeight4bit):
+        *lead, n, k = held
+        groups = scales[-1]
+        return [held, (*lead, n, groups, k // groups)]
+    *lead, k, n = held
+    groups = scales[-2]
+    return [held, (*lead, groups, k // groups, n)]
 
 
 def most_slots(grok: Grok, max_seq_len: int, memory_fraction: float = 0.9,
