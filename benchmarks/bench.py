@@ -36,7 +36,7 @@ from grok.cli import ArgumentParser  # noqa: E402
 from grok.errors import GrokError  # noqa: E402
 from grok.layers import LAYER_MODES  # noqa: E402
 from grok.params import release_groups  # noqa: E402
-from grok.quant import WEIGHT_MODES, map_params, quantize  # noqa: E402
+from grok.quant import DEFAULT_INT4_GROUP, WEIGHT_MODES, map_params, quantize  # noqa: E402
 
 # 4 layers, d=1024, 16/8 heads, 8 experts of 5464, vocab 32768: the figures in README.md.
 DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench.json"
@@ -160,7 +160,7 @@ def compare_layers(grok: Grok, checkpoint: Path, args) -> dict:
     other_mode = "scan" if grok.layers == "unrolled" else "unrolled"
     log(f"decode ({other_mode} layers, alternating) ...")
     other = Grok.load(checkpoint, grok.config, mesh_shape=tuple(grok.mesh.shape.values()),
-                      weights=args.weights, layers=other_mode)
+                      weights=args.weights, layers=other_mode, int4_group=args.int4_group)
     best: dict[tuple[str, int], float] = {}
     for _ in range(3):
         for loaded in (grok, other):
@@ -208,6 +208,10 @@ def run(argv=None) -> int:
     parser.add_argument("--mesh", default=None, help="DATAxMODEL (default 1xALL)")
     parser.add_argument("--weights", choices=WEIGHT_MODES, default=None,
                         help="default: dequantized on CPU, else int8")
+    parser.add_argument("--int4-group", type=_positive, default=DEFAULT_INT4_GROUP,
+                        metavar="ROWS", help="with --weights int4: rows per 4-bit scale "
+                                             "(default: %(default)s; the CPU bench config's "
+                                             "experts take 8)")
     parser.add_argument("--prompt-len", type=_positive, default=PROMPT_LEN,
                         help="prompt tokens for the decode figures (default: %(default)s)")
     parser.add_argument("--decode-steps", type=_positive, default=DECODE_STEPS,
@@ -244,7 +248,7 @@ def run(argv=None) -> int:
         start = time.perf_counter()
         try:
             grok = Grok.load(checkpoint, config, mesh_shape=mesh, weights=args.weights,
-                             layers=args.layers)
+                             layers=args.layers, int4_group=args.int4_group)
         except ValueError as e:  # a mesh or checkpoint that does not fit
             raise GrokError(str(e)) from None
         jax.block_until_ready(grok.params)

@@ -37,7 +37,7 @@ def test_default_config_is_in_the_repository(bench):
     (["--config", "/nonexistent.json"], "config file '/nonexistent.json' does not exist"),
     (["--mesh", "2by2"], "--mesh must be DATAxMODEL, e.g. 1x1, got '2by2'"),
     (["--prompt-len", "0"], "argument --prompt-len: expected a positive integer, got '0'"),
-    (["--weights", "int4"], "argument --weights: invalid choice: 'int4'"),
+    (["--weights", "int3"], "argument --weights: invalid choice: 'int3'"),
     (["--checkpoint", "/nonexistent"], "--checkpoint '/nonexistent' does not exist"),
 ])
 def test_mistakes_are_one_line(bench, argv, message, capsys):

@@ -145,8 +145,10 @@ def _host(x):
     return np.asarray(sharding.fetch(x))
 
 
-@pytest.mark.parametrize("mesh_shape, layers", [((1, 1), "unrolled"), ((2, 4), "scan"),
-                                                ((1, 8), "unrolled"), ((4, 2), "scan")])
+# Two meshes in the quick run; the rest with the slow tests.
+@pytest.mark.parametrize("mesh_shape, layers", [
+    ((1, 1), "unrolled"), ((2, 4), "scan"),
+    *(pytest.param(*m, marks=pytest.mark.slow) for m in [((1, 8), "unrolled"), ((4, 2), "scan")])])
 def test_loading_requantizes_each_slice_as_the_whole(int4_ckpt, mesh_shape, layers):
     """Loaded with int4 weights on any mesh, stacked or not, each expert weight holds the
     bits of its whole-tensor conversion, and attention weights keep the release's int8."""
@@ -193,7 +195,9 @@ def test_int4_logits_stay_near_int8(int4_logits):
 
 
 @pytest.mark.parametrize("mesh_shape, layers, weights", [
-    ((2, 4), "scan", "int4"), ((1, 8), "unrolled", "int4"), ((4, 2), "unrolled", "int4")])
+    ((2, 4), "scan", "int4"),
+    *(pytest.param(*m, marks=pytest.mark.slow)
+      for m in [((1, 8), "unrolled", "int4"), ((4, 2), "unrolled", "int4")])])
 def test_every_mesh_gives_the_same_int4_logits(int4_ckpt, int4_logits, mesh_shape, layers,
                                                weights):
     """Same numbers on any mesh, up to the dots' blocking. Rounding differences in the bf16
