@@ -195,10 +195,11 @@ def check_int4_group(group: int, rows: int | None = None, where: str = "a weight
     if isinstance(group, bool) or not isinstance(group, int) or group < 1:
         raise GrokError(f"{name} must be a positive integer, got {group!r:.40}")
     if rows is not None and rows % group:
-        fits = max(d for d in range(1, group + 1) if rows % d == 0)
+        fits = 1  # a power of two: the widths of a model share those
+        while fits * 2 <= group and rows % (fits * 2) == 0:
+            fits *= 2
         raise GrokError(f"{name}={group} does not divide the {rows} rows of the contracting "
-                        f"axis of {where}; use a group size that does (at most {group}: "
-                        f"{fits})")
+                        f"axis of {where}; use a group size that does, such as {fits}")
     return group
 
 

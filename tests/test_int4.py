@@ -101,7 +101,8 @@ def test_a_slice_converts_as_its_part_of_the_whole(first, rows):
 
 
 @pytest.mark.parametrize("group, message", [
-    (24, r"int4_group=24 does not divide the 64 rows .* \(at most 24: 16\)"),
+    (24, r"int4_group=24 does not divide the 64 rows .*; use a group size that does, such "
+         r"as 16"),
     (0, r"int4_group must be a positive integer, got 0"),
     (True, r"int4_group must be a positive integer, got True"),
 ])

@@ -174,6 +174,7 @@ class Plan:
             "target": self.target.name, "device": self.target.description,
             "devices": len(self.target.devices), "mesh": list(self.mesh_shape),
             "weights": self.run.weights, "layers": self.run.layers, "moe": self.run.moe,
+            "int4_group": self.run.int4_group if self.run.weights == "int4" else None,
             "slots": fp.slots, "max_seq_len": fp.max_seq_len,
             "device_memory_bytes": self.target.memory_bytes,
             "memory_fraction": self.memory_fraction, "usable_bytes": self.usable,
@@ -347,10 +348,13 @@ def describe(plan: Plan) -> str:
     fp, run = plan.footprint, plan.run
     target = plan.target
     memory = "memory unknown" if target.memory_bytes is None else gib(target.memory_bytes)
+    weights = f"{run.weights} weights"
+    if run.weights == "int4":
+        weights += f" (groups of {run.int4_group} rows)"
     lines = [
         f"{run.config.num_layers}-layer model on {target.name}: {len(target.devices)} x "
         f"{target.description} ({memory} each), mesh {plan.mesh_shape[0]}x"
-        f"{plan.mesh_shape[1]}, {run.weights} weights, {run.layers} layers, {run.moe} MoE",
+        f"{plan.mesh_shape[1]}, {weights}, {run.layers} layers, {run.moe} MoE",
         f"decode state: {fp.slots} slots x {fp.max_seq_len} positions",
         "per device:",
         f"  weights        {gib(fp.weights):>12}",
