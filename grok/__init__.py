@@ -5,7 +5,7 @@ __version__ = "0.1.0"  # the package's one version number (pyproject.toml reads 
 from grok.api import Grok
 from grok.config import GROK_1, NANO, PRESETS, TINY, GrokConfig
 from grok.errors import CheckpointError, GrokError
-from grok.quant import QuantizedWeight8bit, dequantize, quantize
+from grok.quant import QuantizedWeight4bit, QuantizedWeight8bit, dequantize, quantize, quantize4
 
 __all__ = [
     "GROK_1",
@@ -16,8 +16,10 @@ __all__ = [
     "Grok",
     "GrokConfig",
     "GrokError",
+    "QuantizedWeight4bit",
     "QuantizedWeight8bit",
     "__version__",
     "dequantize",
     "quantize",
+    "quantize4",
 ]
