@@ -126,6 +126,13 @@ BEFORE_LOAD = [
     (["--mesh", "foo"], "--mesh must be DATAxMODEL"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--prompt-file", "/nonexistent.txt"], "--prompt-file '/nonexistent.txt' does not exist"),
+    # The fixture's experts are 1368 wide: groups of 64 rows cannot tile them.
+    (["--weights", "int4", "--int4-group", "64", "--prompt", "The answer to life the"],
+     "int4_group=64 does not divide the 1368 rows of the contracting axis of "
+     "transformer/decoder_layer_0/moe/linear_1/w (a device's share on this mesh); use a group "
+     "size that does, such as 8"),
+    (["--weights", "int4", "--int4-group", "0", "--prompt", "The answer to life the"],
+     "int4_group must be a positive integer, got 0"),
 ]
 # Sampling settings and prompts: also rejected before loading.
 SETTINGS = [
