@@ -146,6 +146,6 @@ def test_cpu_splits_expert_weights(fixture_dir):
 
 def test_bad_load_options(fixture_dir):
     with pytest.raises(ValueError, match="weights must be one of"):
-        Grok.load(fixture_dir, "tiny", weights="int4")
+        Grok.load(fixture_dir, "tiny", weights="fp8")
     with pytest.raises(ValueError, match="moe must be one of"):
         Grok.load(fixture_dir, "tiny", moe="ragged")
