@@ -55,7 +55,7 @@ def forms(k: int) -> dict:
         return f
 
     table = {"float32 weight (today)": baseline, "int8, one product": one_shot}
-    for chunk in (64, 256, 1024):
+    for chunk in (64, 128, 256, 512, 1024):
         table[f"int8, rows in chunks of {chunk}"] = rows(chunk)
     for chunk in (256, 1024):
         table[f"int8, columns in chunks of {chunk}"] = columns(chunk)
