@@ -1,11 +1,12 @@
 """Quantised weights: int8 or int4 values with bf16 scales grouped along the contracting axis.
 
-A weight `w[..., K, N]` is stored as `weight` (int8 or int4, same shape) and
+An 8-bit weight `w[..., K, N]` is stored as `weight` (int8, same shape) and
 `scales[..., G, N]` (bf16); group g covers rows g*K/G .. (g+1)*K/G, and the value is
-`round_bf16(weight * scale)`. The release's 8-bit weights use G = 8 for the two tensors it
-shards along K (attention `linear`, expert `linear_1`) and G = 1 elsewhere; any G that
-divides K works here, whatever the mesh. 4-bit expert weights are requantised from the
-exact values of the 8-bit ones, in groups of a fixed number of rows (`requantize4`).
+`round_bf16(weight * scale)`. The release uses G = 8 for the two tensors it shards along K
+(attention `linear`, expert `linear_1`) and G = 1 elsewhere; any G that divides K works
+here, whatever the mesh. 4-bit expert weights are requantised from the exact values of the
+8-bit ones, in groups of a fixed number of rows (`requantize4`), and held with the
+contracting axis last (`QuantizedWeight4bit`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from grok.errors import GrokError
 from grok.params import WEIGHT_MODES, expert_axis, release_groups, storage
 
 INT4 = jnp.int4
-INT4_MAX = 7  # symmetric: values -7..7, so that a group's sign does not bias its scale
+INT4_MAX = 7  # symmetric: values -7..7 (int4's -8 unused), so that q and -q both exist
 # Rows of the contracting axis per 4-bit scale: measured on the demo model, the release's
 # fixtures and a full-vocabulary model (README, "4-bit experts"); 32 and 128 are the others
 # tried.
