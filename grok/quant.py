@@ -82,6 +82,13 @@ class QuantizedWeight4bit(QuantizedWeight):
     def groups(self) -> int:
         return self.scales.shape[-1]
 
+    @staticmethod
+    def held_shapes(shape, group: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes `weight` and `scales` have for a logical [..., K, N] weight in groups
+        of `group` rows: [..., N, K] and [..., N, K/group]."""
+        *lead, k, n = shape
+        return (*lead, n, k), (*lead, n, k // group)
+
     @classmethod
     def from_values(cls, values, scales) -> QuantizedWeight4bit:
         """From values [..., K, N] and scales [..., G, N] (host arrays), as `requantize4`
@@ -158,12 +165,19 @@ def quantize(w, groups: int = 1) -> QuantizedWeight8bit:
     *lead, k, n = w.shape
     if groups < 1 or k % groups:
         raise GrokError(f"quantize: groups={groups} must be >= 1 and divide K={k}")
-    grouped = w.reshape(*lead, groups, k // groups, n)
+    q, scales = _round_symmetric(w.reshape(*lead, groups, k // groups, n), 127)
+    return QuantizedWeight8bit(q.reshape(w.shape).astype(np.int8), scales)
+
+
+def _round_symmetric(grouped: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grouped float32 values [..., G, R, N] (R rows a group) rounded to the nearest
+    multiple of their group's scale, within -top..top: (values as floats, bf16 scales
+    [..., G, N]). The scale is rounded to bf16 before dividing."""
     amax = np.max(np.abs(grouped), axis=-2)  # [..., G, N]
-    scales = (amax / 127.0).astype(jnp.bfloat16)
-    safe = np.where(scales.astype(np.float32) > 0, scales.astype(np.float32), 1.0)
-    q = np.clip(np.rint(grouped / safe[..., None, :]), -127, 127).astype(np.int8)
-    return QuantizedWeight8bit(q.reshape(w.shape), scales)
+    scales = (amax / np.float32(top)).astype(jnp.bfloat16)
+    wide = scales.astype(np.float32)
+    safe = np.where(wide > 0, wide, np.float32(1))
+    return np.clip(np.rint(grouped / safe[..., None, :]), -top, top), scales
 
 
 def dequantize(w, dtype=jnp.bfloat16):
@@ -228,12 +242,7 @@ def requantize4(values: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]
     """
     *lead, k, n = values.shape
     check_int4_group(group, k, f"a weight of shape {list(values.shape)}")
-    grouped = values.reshape(*lead, k // group, group, n)
-    amax = np.max(np.abs(grouped), axis=-2)  # [..., K/group, N]
-    scales = (amax / np.float32(INT4_MAX)).astype(jnp.bfloat16)
-    wide = scales.astype(np.float32)
-    safe = np.where(wide > 0, wide, np.float32(1))
-    q = np.clip(np.rint(grouped / safe[..., None, :]), -INT4_MAX, INT4_MAX)
+    q, scales = _round_symmetric(values.reshape(*lead, k // group, group, n), INT4_MAX)
     return q.reshape(values.shape).astype(INT4), scales
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -567,6 +567,20 @@ def _set_layer(stack, piece, layer):
     return jax.lax.dynamic_update_index_in_dim(stack, piece.astype(stack.dtype), layer, 0)
 
 
+class _Placement(NamedTuple):
+    """Where one file's arrays go: `form` is "as stored", "int4" (8-bit values requantised
+    while loading) or "int4 file"; per array, its target (a sharding or a `_Stack`), the
+    shape and dtype it is held in (4-bit ones [..., N, K], see `QuantizedWeight4bit`)."""
+
+    name: str
+    layer: int | None  # of a stacked parameter
+    value: Any  # the file's host arrays (memory maps)
+    form: str
+    targets: tuple
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple
+
+
 def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
                     sharding_for: ShardingFor, *, progress: bool | None = None,
                     verify: bool = False, stacked: bool = False,
@@ -601,8 +615,8 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     def target_for(name: str, split, kind: str, shape: tuple[int, ...], dtype,
                    k_last_form: bool = False):
         """The sharding, or the stack, that this file's `kind` array (of logical `shape`)
-        goes to; with `k_last_form`, for its form with the last two axes swapped (4-bit
-        weights and scales, `QuantizedWeight4bit`)."""
+        goes to, and the dtype it is held in there; with `k_last_form`, for its form with
+        the last two axes swapped (4-bit weights and scales, `QuantizedWeight4bit`)."""
         target_name, target_shape = (name, shape) if split is None \
             else (split[0], (num_layers, *shape))
         sharding = sharding_for(target_name, kind, target_shape)
@@ -616,20 +630,16 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
             sharding = k_last(sharding, len(target_shape))
             shape = _swap(shape)
         if split is None:
-            return sharding
+            return sharding, dtype
         if (split[0], kind) not in stacks:
             stacks[split[0], kind] = _Stack(num_layers, shape, dtype, sharding, split[0])
-        return stacks[split[0], kind]
-
-    def _platform(target) -> str:
-        sharding = target.sharding if isinstance(target, _Stack) else target
-        return next(iter(sharding.device_set)).platform
+        return stacks[split[0], kind], dtype
 
     def slices_of(target, shape):
         return target.layer_slices if isinstance(target, _Stack) \
             else local_slices(shape, target)
 
-    placements = []  # per file: (name, layer or None, value, form, [target per array])
+    placements = []
     for name, value in opened:
         split = split_release_path(name) if stacked else None
         if isinstance(value, Int4Tensor):
@@ -640,84 +650,77 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
         else:
             form = "as stored"
         if form == "as stored":
-            targets = [target_for(name, split, kind, tuple(host.shape), host.dtype)
-                       for kind, host in _parts(value)]
+            shapes = [tuple(host.shape) for _, host in _parts(value)]
+            targets, dtypes = zip(*(target_for(name, split, kind, tuple(host.shape), host.dtype)
+                                    for kind, host in _parts(value)), strict=True)
         else:
             *lead, rows, columns = value.shape
             group = value.group if form == "int4 file" else int4_group
+            shapes = QuantizedWeight4bit.held_shapes(value.shape, group)
             weight = target_for(name, split, "weight", tuple(value.shape), INT4, True)
-            for key in slices_of(weight, (*lead, columns, rows)):  # held [..., N, K]
+            for key in slices_of(weight[0], shapes[0]):  # checked before the scales' target
                 check_int4_group(group, key[-1][1] - key[-1][0],
                                  f"{name} (a device's share on this mesh)")
                 if form == "int4 file" and (key[-2][0] % 2 or key[-2][1] % 2):
                     raise GrokError(f"{name}: a device's share of the last axis, "
                                     f"{key[-2][0]}..{key[-2][1]}, splits the bytes that hold "
                                     "two 4-bit values; use a mesh that splits it evenly")
-            targets = [weight, target_for(name, split, "scales", (*lead, rows // group, columns),
-                                          jnp.bfloat16, True)]
-        placements.append((name, None if split is None else split[1], value, form, targets))
+            targets, dtypes = zip(weight, target_for(
+                name, split, "scales", (*lead, rows // group, columns), jnp.bfloat16, True),
+                strict=True)
+        placements.append(_Placement(name, None if split is None else split[1], value, form,
+                                     tuple(targets), tuple(shapes), tuple(dtypes)))
 
-    def shapes_of(value, form: str) -> list[tuple[int, ...]]:
-        """The shapes of the arrays a file becomes (a 4-bit weight's held [..., N, K])."""
-        if form == "as stored":
-            return [tuple(host.shape) for _, host in _parts(value)]
-        *lead, rows, columns = value.shape
-        group = value.group if form == "int4 file" else int4_group
-        return [(*lead, columns, rows), (*lead, columns, rows // group)]  # K-last forms
-
-    def bytes_read(value, form: str, targets: list) -> int:
-        shapes = shapes_of(value, form)
+    def bytes_read(place: _Placement) -> int:
         elements = [sum(math.prod(_slice_shape(key)) for key in slices_of(target, shape))
-                    for target, shape in zip(targets, shapes, strict=True)]
-        if form == "int4 file":  # packed values, and the scales
+                    for target, shape in zip(place.targets, place.shapes, strict=True)]
+        if place.form == "int4 file":  # packed values, and the scales
             return elements[0] // 2 + elements[1] * 2
-        if form == "int4":  # this process's int8 slices, and all of the (small) scales
-            return elements[0] + value.scales.nbytes
+        if place.form == "int4":  # this process's int8 slices, and all of the (small) scales
+            return elements[0] + place.value.scales.nbytes
         return sum(count * host.dtype.itemsize
-                   for count, (_, host) in zip(elements, _parts(value), strict=True))
+                   for count, (_, host) in zip(elements, _parts(place.value), strict=True))
 
-    sizes = [bytes_read(value, form, targets) for _, _, value, form, targets in placements]
+    sizes = [bytes_read(place) for place in placements]
     meter = _Progress(len(opened), sum(sizes), progress)
     budget = _ByteBudget(max(sizes, default=0))
 
-    def load_one(item):
-        (name, layer, value, form, targets), nbytes = item
+    def load_one(item: tuple[_Placement, int]):
+        place, nbytes = item
+        value = place.value
         hosts = [host for _, host in _parts(value)]
-        shapes = shapes_of(value, form)
         slices = [slices_of(target, shape)
-                  for target, shape in zip(targets, shapes, strict=True)]
+                  for target, shape in zip(place.targets, place.shapes, strict=True)]
         with budget.hold(nbytes):
-            if form == "as stored":
+            if place.form == "as stored":
                 buffers = [_read_slices(host, part)
                            for host, part in zip(hosts, slices, strict=True)]
-                dtypes = [host.dtype for host in hosts]
             else:  # 4-bit values and scales by their logical slices, then held K-last
                 logical = [{_swap(key): _swap(index) for key, index in part.items()}
                            for part in slices]
-                if form == "int4 file":
+                if place.form == "int4 file":
                     values = _unpacked_slices(value.packed, logical[0])
                     scales = _read_slices(value.scales, logical[1])
                 else:
                     values, scales = _int4_slices(value, *logical, int4_group)
-                dtypes = [int4_storage(_platform(targets[0])), jnp.bfloat16]
                 buffers = [{_swap(key): np.ascontiguousarray(
                     np.swapaxes(part, -1, -2).astype(dtype)) for key, part in held.items()}
-                    for held, dtype in zip((values, scales), dtypes, strict=True)]
+                    for held, dtype in zip((values, scales), place.dtypes, strict=True)]
             for host in hosts:
                 _drop_pages(host)
             arrays = []
-            for target, shape, parts, dtype in zip(targets, shapes, buffers, dtypes,
-                                                   strict=True):
+            for target, shape, parts, dtype in zip(place.targets, place.shapes, buffers,
+                                                   place.dtypes, strict=True):
                 if isinstance(target, _Stack):
-                    target.put(layer, parts)
+                    target.put(place.layer, parts)
                     arrays.append(None)
                 else:
                     arrays.append(_assemble(shape, target, parts, dtype))
-            quantized = QuantizedWeight8bit if form == "as stored" else QuantizedWeight4bit
+            quantized = QuantizedWeight8bit if place.form == "as stored" else QuantizedWeight4bit
             loaded = quantized(*arrays) if len(arrays) == 2 else arrays[0]
             jax.block_until_ready([a for a in arrays if a is not None])
         meter.add(nbytes)
-        return name, loaded
+        return place.name, loaded
 
     try:
         with ThreadPoolExecutor(min(_MAX_THREADS, max(len(opened), 1))) as pool:
@@ -727,14 +730,15 @@ def load_checkpoint(path: str | os.PathLike, expected: dict | GrokConfig,
     if not stacked:
         return jax.tree_util.tree_unflatten(treedef, [value for _, value in loaded])
     params: dict = {}
-    for (name, value), (_, _, _, form, _) in zip(loaded, placements, strict=True):
+    for (name, value), place in zip(loaded, placements, strict=True):
         split = split_release_path(name)
         if split is not None:
             if split[1] != 0:  # the stack is the value of its layer 0
                 continue
             name = split[0]
             if (name, "weight") in stacks:
-                quantized = QuantizedWeight8bit if form == "as stored" else QuantizedWeight4bit
+                quantized = (QuantizedWeight8bit if place.form == "as stored"
+                             else QuantizedWeight4bit)
                 value = quantized(stacks[name, "weight"].array(),
                                   stacks[name, "scales"].array())
             else:

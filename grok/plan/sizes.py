@@ -103,13 +103,14 @@ def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str,
             logical = sharding.param_sharding(mesh, path, "weight", value.shape)
             check_int4_group(int4_group, logical.shard_shape(value.shape)[-2],
                              f"{path} (a device's share on this mesh)")
-            groups = rows // int4_group
-            scales = sharding.param_sharding(mesh, path, "scales", (*lead, groups, columns))
+            scales = sharding.param_sharding(mesh, path, "scales",
+                                             (*lead, rows // int4_group, columns))
+            held_weight, held_scales = QuantizedWeight4bit.held_shapes(value.shape, int4_group)
             value = QuantizedWeight4bit(  # held K-last (see QuantizedWeight4bit)
-                jax.ShapeDtypeStruct((*lead, columns, rows), int4_storage(platform),
-                                     sharding=sharding.k_last(logical, len(value.shape))),
-                jax.ShapeDtypeStruct((*lead, columns, groups), jnp.bfloat16,
-                                     sharding=sharding.k_last(scales, len(value.shape))))
+                jax.ShapeDtypeStruct(held_weight, int4_storage(platform),
+                                     sharding=sharding.k_last(logical, len(held_weight))),
+                jax.ShapeDtypeStruct(held_scales, jnp.bfloat16,
+                                     sharding=sharding.k_last(scales, len(held_scales))))
         elif is_quantized(value):
             value = QuantizedWeight8bit(one("weight", value.weight.shape, value.weight.dtype),
                                         one("scales", value.scales.shape, value.scales.dtype))
