@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from grok import checkpoint, distributed, model, sharding
 from grok.config import GrokConfig, resolve_config
 from grok.engine.engine import Engine, bucket
+from grok.engine.prefix_cache import PrefixCache, PrefixCacheSettings
 from grok.engine.request import Completion, Event, GenerationSettings, make_request
 from grok.engine.scheduler import Scheduler, Stats
 from grok.errors import GrokError
@@ -47,7 +48,17 @@ class Grok:
         self.model = model.build(config, moe_strategy, mesh, layers)
         self.expert_stats = expert_stats
         self.usage = UsageCounter(config.num_layers, config.num_experts)
-        self._engines: dict[tuple[int, int], Engine] = {}
+        self.prefix_cache: PrefixCache | None = None
+        self._engines: dict[tuple[int, int, int | None, bool], Engine] = {}
+
+    def enable_prefix_cache(self, settings: PrefixCacheSettings | None) -> None:
+        """Keeps the keys and values of full blocks of prompts that every later prefill
+        (of any engine, `generate` call or server request) reuses when a prompt begins with
+        them; None turns it off and frees the pool. Numbers are those of a prefill without
+        it, up to the last bits of a differently shaped computation (see README)."""
+        self.prefix_cache = None  # the old pool goes before the new one is made
+        if settings is not None:
+            self.prefix_cache = PrefixCache(settings, self.config, self.mesh)
 
     @classmethod
     def load(cls, checkpoint_dir: str | os.PathLike, config: GrokConfig | str | os.PathLike,
@@ -145,14 +156,19 @@ class Grok:
         self.usage.reset()
 
     def engine(self, max_batch: int, max_seq_len: int | None = None,
-               log: Callable[[str], None] | None = None) -> Engine:
+               log: Callable[[str], None] | None = None,
+               prefill_chunk: int | None = None, deterministic: bool = False) -> Engine:
         """The engine for `max_batch` slots of `max_seq_len` positions (default: the model's
-        context); kept, so its compiled steps serve every later call of the same shape.
-        `log`, if given, is told of each compile as it finishes."""
+        context), prefilling at most `prefill_chunk` prompt tokens at a time (None: whole
+        prompts), with `deterministic` steps or not (see `Engine`); kept, so its compiled
+        steps serve every later call of the same shape. `log`, if given, is told of each
+        compile as it finishes."""
         max_seq_len = self.config.sequence_len if max_seq_len is None else max_seq_len
-        key = (max_batch, max_seq_len)
+        key = (max_batch, max_seq_len, prefill_chunk, deterministic)
         if key not in self._engines:
-            self._engines[key] = Engine(self, max_batch, max_seq_len)
+            self._engines[key] = Engine(self, max_batch, max_seq_len,
+                                        prefill_chunk=prefill_chunk,
+                                        deterministic=deterministic)
         engine = self._engines[key]
         if log is not None:
             engine.log = log
@@ -237,6 +253,11 @@ class GenerationRun:
                                                                      strict=True))
         keys += [("decode", engine.slots, engine.attend_bucket(filled))
                  for filled in range(max(lengths) + 1, last + 1)]
+        cache = engine.grok.prefix_cache
+        if cache is not None and max(lengths) >= cache.block_size:
+            # Full blocks are saved; which prompts continue cached blocks (and the
+            # programs they need) depends on the cache, and compiles as it happens.
+            keys.append(("save_blocks", cache.settings))
         return list(dict.fromkeys(keys))
 
     def __iter__(self) -> Iterator[tuple[int, Event]]:

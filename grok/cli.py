@@ -9,11 +9,13 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from grok import __version__, compilation, demo, distributed, plot, sharding
 from grok.api import Grok, run_shape
 from grok.config import PRESETS, resolve_config
+from grok.engine.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCacheSettings
 from grok.engine.progress import ProgressLine
 from grok.engine.request import GenerationSettings, make_request
 from grok.errors import GrokError
@@ -141,6 +143,43 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint file's size and SHA-256 against the manifest "
                         "beside ckpt-0 before loading (tools/checkpoint_manifest.py writes it)")
+    c = p.add_argument_group("prefix cache")
+    c.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the keys and values of full blocks of prompts, and reuse them "
+                        "for later prompts that begin with the same tokens (default: on)")
+    c.add_argument("--prefix-cache-blocks", type=int, metavar="N",
+                   help="blocks the cache holds (default: as many positions as the decode "
+                        "slots; a server on devices that report their memory takes what the "
+                        "weights, slots and steps leave of --memory-fraction)")
+    c.add_argument("--prefix-block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   metavar="TOKENS", help="tokens per cached block (default: %(default)s)")
+
+
+def check_prefix_cache_flags(args) -> None:
+    for flag, value in (("--prefix-block-size", args.prefix_block_size),
+                        ("--prefix-cache-blocks", args.prefix_cache_blocks)):
+        if value is not None and not 1 <= value <= 1 << 24:
+            raise GrokError(f"{flag} must be in [1, 2**24], got {value}")
+
+
+def prefix_cache_settings(args, slots: int, max_seq_len: int,
+                          spare_blocks: Callable[[int], int | None] | None = None
+                          ) -> PrefixCacheSettings | None:
+    """The prefix cache the flags ask for, None with --no-prefix-cache. By default its
+    blocks are `spare_blocks(block_size)` (what the devices have left), or as many positions
+    as the decode state's `slots` x `max_seq_len` where that is None."""
+    if not args.prefix_cache:
+        return None
+    check_prefix_cache_flags(args)
+    block, blocks = args.prefix_block_size, args.prefix_cache_blocks
+    if blocks is None:
+        spare = None if spare_blocks is None else spare_blocks(block)
+        blocks = max(1, slots * max_seq_len // block) if spare is None else spare
+        if blocks < 1:
+            raise GrokError("no prefix-cache block fits beside the model and its slots: give "
+                            "--prefix-cache-blocks N with fewer --max-batch, or "
+                            "--no-prefix-cache")
+    return PrefixCacheSettings(blocks, block)
 
 
 def _prompts(args) -> list[str]:
@@ -189,6 +228,7 @@ def _run(args, out, err) -> None:
     # into loading, so that a mistake is one line.
     config = resolve_config(args.config)
     _check_paths(args)
+    check_prefix_cache_flags(args)
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
@@ -207,6 +247,7 @@ def _run(args, out, err) -> None:
     requests = [make_request(config, tokenizer, prompt, GenerationSettings(**settings),
                              label=f"prompt {i}") for i, prompt in enumerate(prompts)]
     max_batch, max_seq_len = run_shape(config, requests)
+    cache = prefix_cache_settings(args, max_batch, max_seq_len)
     check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, max_batch,
                         max_seq_len, args.int4_group), mesh, name=model_name(args))
     if args.demo:
@@ -218,6 +259,7 @@ def _run(args, out, err) -> None:
                      verify=args.verify, layers=args.layers, int4_group=args.int4_group)
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
+    grok.enable_prefix_cache(cache)
     run = grok.run(prompts, **settings)
     # Compiled first, behind one progress line: on the real model each program takes a while.
     before, hits, start = run.engine.compile_count, compilation.cache_hits(), time.perf_counter()

@@ -69,19 +69,25 @@ def write_layer(buffer: jax.Array,  # [L, B0, K, S, C]
                 layer: int | jax.Array,  # static, or the scan's traced index
                 new: jax.Array,  # [B, T, K, C]
                 starts: jax.Array,  # [B] int32
+                rows: jax.Array | None = None,  # [B] int32: the rows written (default 0..B-1)
                 ) -> jax.Array:
-    """Writes `new[b]` into layer `layer`, row b, at slots `starts[b]...`, in place (see
-    `write_rows`)."""
+    """Writes `new[b]` into layer `layer`, row `rows[b]`, at slots `starts[b]...`, in place
+    (see `write_rows`); rows out of range (padding) are dropped."""
     b, t = new.shape[:2]
-    rows = jnp.arange(b)[:, None]  # [B, 1]
+    rows = jnp.arange(b) if rows is None else rows
     slots = starts[:, None] + jnp.arange(t)[None, :]  # [B, T]
     # The indexed region is [B, T, K, C]: the index arrays' shape first, then the slice.
-    return buffer.at[layer, rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
+    return buffer.at[layer, rows[:, None], :, slots].set(new.astype(buffer.dtype),
+                                                         mode="drop")
 
 
 def read_layer(buffer: jax.Array,  # [L, B0, K, S0, C]
                layer: int | jax.Array,
-               rows: int, slots: int) -> jax.Array:  # -> [rows, K, slots, C]
-    """The first `rows` x `slots` of layer `layer`: what attention reads."""
+               rows: int | jax.Array,  # the first `rows` rows, or i32[B]: these rows
+               slots: int) -> jax.Array:  # -> [B, K, slots, C]
+    """The first `slots` positions of some rows of layer `layer`: what attention reads.
+    A row index out of range (padding) reads zeros."""
     _, _, k, _, c = buffer.shape
-    return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, k, slots, c))[0]
+    if isinstance(rows, int):
+        return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, k, slots, c))[0]
+    return buffer.at[layer, rows, :, :slots].get(mode="fill", fill_value=0)

@@ -108,13 +108,14 @@ class Attention(hk.Module):
         self.config = config
 
     def __call__(self, x, positions, key_mask, kv: tuple[jax.Array, jax.Array] | None,
-                 layer: int | jax.Array, starts):
+                 layer: int | jax.Array, starts, rows):
         """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
 
         Without a cache the keys are the T new tokens (S = T). With one (every layer's keys
         and values, [L, B0, K, S0, C] each), the new keys and values are written at slot
-        `starts[b]` of each row of layer `layer`, and its first S slots (S from key_mask:
-        the filled part of the cache, bucketed) are attended.
+        `starts[b]` of cache row `rows[b]` (None: row b) of layer `layer`, and that row's
+        first S slots (S from key_mask: the filled part of the cache, bucketed) are
+        attended.
         """
         cfg = self.config
         b, t, _ = x.shape
@@ -126,9 +127,11 @@ class Attention(hk.Module):
         k = apply_rope(k, positions)  # [B, T, K, C]
 
         if kv is not None:
-            kv = (write_layer(kv[0], layer, k, starts), write_layer(kv[1], layer, v, starts))
+            kv = (write_layer(kv[0], layer, k, starts, rows),
+                  write_layer(kv[1], layer, v, starts, rows))
             s = key_mask.shape[-1]
-            k, v = (read_layer(a, layer, b, s) for a in kv)  # [B, K, S, C]
+            k, v = (read_layer(a, layer, b if rows is None else rows, s)
+                    for a in kv)  # [B, K, S, C]
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, C]
 
@@ -186,11 +189,11 @@ class MoE(hk.Module):
 
 
 def decoder_layer(config: GrokConfig, moe_strategy: str, h, positions, key_mask, kv,
-                  layer: int | jax.Array, starts, experts: tuple | None = None):
+                  layer: int | jax.Array, starts, rows, experts: tuple | None = None):
     """One decoder layer on the residual stream h [B, T, D]; its modules are named relative
     to the caller's scope (`decoder_layer_{i}` unrolled, the stack's `decoder_layer`)."""
     a, kv = Attention(config)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, layer,
-                              starts)
+                              starts, rows)
     h = h + RMSNorm(name="rms_norm_1")(a)
     router_w = _Weight((config.emb_size, config.num_experts), name="router")()
     m, routing = MoE(config, moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w, experts)
@@ -208,7 +211,7 @@ class Transformer(hk.Module):
         self.mesh = mesh
         self.layers = check_layer_mode(layers)
 
-    def __call__(self, h, positions, key_mask, cache: KVCache | None, starts):
+    def __call__(self, h, positions, key_mask, cache: KVCache | None, starts, rows):
         """The residual stream after every layer, the new keys and values ([L, B, K, S, C]
         each, or None without a cache), and the routing of every layer stacked on a layer
         axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
@@ -228,7 +231,7 @@ class Transformer(hk.Module):
             experts = None if stacked_experts is None else tuple(
                 moe.LayerExperts(w, index) for w in stacked_experts)
             h, kv, routing = decoder_layer(cfg, self.moe_strategy, h, positions, key_mask, kv,
-                                           index, starts, experts)
+                                           index, starts, rows, experts)
             return (constrain(h, mesh, RESIDUAL_SPEC), kv), routing
 
         if self.layers == "scan":
@@ -273,7 +276,7 @@ class LanguageModel(hk.Module):
         self.transformer = transformer
 
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None,
-                 attend_len: int | None = None, with_routing: bool = False):
+                 attend_len: int | None = None, with_routing: bool = False, rows=None):
         """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None);
         with `with_routing`, also every layer's `LayerRouting` ([B, T, L, X] / [B, T, L]).
 
@@ -283,6 +286,8 @@ class LanguageModel(hk.Module):
         padding, default: all T), and the row's length advances by that many. Attention
         then reads the first `attend_len` slots (static; default all): the caller keeps it
         above every row's new length, and the cache must have room for the new tokens.
+        `rows` (i32[B]) makes token row b continue cache row `rows[b]` instead: a prefill
+        into chosen slots of a decode state; a row out of range (padding) writes nothing.
         """
         cfg = self.config
         b, t = tokens.shape
@@ -291,10 +296,15 @@ class LanguageModel(hk.Module):
             starts = None
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
             key_valid = valid  # [B, S=T]
-        else:  # the tokens continue the cache's first B rows
+        elif rows is None:  # the tokens continue the cache's first B rows
             starts = cache.lengths[:b]
             positions = starts[:, None] + jnp.arange(t)[None, :]
             key_valid = write_rows(cache.key_valid[:b], valid, starts)  # [B, S]
+        else:  # they continue rows `rows`
+            starts = cache.lengths.at[rows].get(mode="fill", fill_value=0)
+            positions = starts[:, None] + jnp.arange(t)[None, :]
+            key_valid = write_rows(cache.key_valid.at[rows].get(mode="fill", fill_value=False),
+                                   valid, starts)
         attend = key_valid.shape[1] if attend_len is None else attend_len
         slots = jnp.arange(attend)
         key_mask = ((slots[None, None, :] <= positions[:, :, None])
@@ -306,7 +316,7 @@ class LanguageModel(hk.Module):
         # by batch (a direct reshuffle is one XLA can only do by replicating anyway).
         h = constrain(embed.embed(tokens), mesh, REPLICATED_SPEC)  # [B, T, D]
         h = constrain(h * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
-        h, kv, routing = self.transformer(h, positions, key_mask, cache, starts)
+        h, kv, routing = self.transformer(h, positions, key_mask, cache, starts, rows)
         h = RMSNorm(name="rms_norm")(h)
         logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
 
@@ -314,23 +324,25 @@ class LanguageModel(hk.Module):
             new_cache = None
         else:
             num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-            new_cache = KVCache(*kv, cache.lengths.at[:b].add(num_new),
-                                cache.key_valid.at[:b].set(key_valid))
+            index = slice(None, b) if rows is None else rows
+            new_cache = KVCache(*kv, cache.lengths.at[index].add(num_new, mode="drop"),
+                                cache.key_valid.at[index].set(key_valid, mode="drop"))
         return (logits, new_cache, routing) if with_routing else (logits, new_cache)
 
 
 def build(config: GrokConfig, moe_strategy: str = "sparse", mesh: Mesh | None = None,
           layers: str = "unrolled") -> hk.Transformed:
     """The transformed model: `apply(params, tokens, cache=None, num_new=None,
-    attend_len=None, with_routing=False)`, for parameters of the `layers` tree
-    (`grok.layers`).
+    attend_len=None, with_routing=False, rows=None)` (see `LanguageModel`), for parameters
+    of the `layers` tree (`grok.layers`).
 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """
-    def forward(tokens, cache=None, num_new=None, attend_len=None, with_routing=False):
+    def forward(tokens, cache=None, num_new=None, attend_len=None, with_routing=False,
+                rows=None):
         transformer = Transformer(config, moe_strategy, mesh, layers)
         return LanguageModel(config, transformer)(tokens, cache, num_new, attend_len,
-                                                  with_routing)
+                                                  with_routing, rows)
     return hk.without_apply_rng(hk.transform(forward))
 
 

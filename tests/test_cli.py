@@ -133,6 +133,8 @@ BEFORE_LOAD = [
      "size that does, such as 8"),
     (["--weights", "int4", "--int4-group", "0", "--prompt", "The answer to life the"],
      "int4_group must be a positive integer, got 0"),
+    (["--prefix-block-size", "0"], "--prefix-block-size must be in [1, 2**24], got 0"),
+    (["--prefix-cache-blocks", "-3"], "--prefix-cache-blocks must be in [1, 2**24], got -3"),
 ]
 # Sampling settings and prompts: also rejected before loading.
 SETTINGS = [

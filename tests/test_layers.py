@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok import Grok, checkpoint, model, sharding
 from grok.config import GROK_1, NANO, TINY
+from grok.engine.engine import PrefillRow
 from grok.engine.request import GenerationSettings
 from grok.errors import GrokError
 from grok.layers import split_release_path, stack_params, unstack_params
@@ -125,7 +126,7 @@ def test_decode_step_updates_the_stacked_cache_in_place(fixture_dir):
         engine = grok.engine(max_batch=slots, max_seq_len=256)
         state = engine.init_state()
         request = engine.make_request([5, 6, 7], GenerationSettings(max_new_tokens=2))
-        state, _ = engine.prefill([request], state, [0])
+        state, _ = engine.prefill([PrefillRow(request, 0, 0, 3)], state)
         active = engine.put_active(np.arange(engine.slots) == 0)
         state, _ = engine.generate(state, active, rows=engine.rows_for(1), filled=4)
         cache_bytes = state.cache.k.nbytes + state.cache.v.nbytes

@@ -1,17 +1,19 @@
 """Compiled steps over a fixed set of decode slots: prefill (with insert) and generate.
 
 The contract (after JetStream's engine API, with its prefill and insert as one program):
-`prefill` runs a few prompts through the model, draws each one's first token and writes
-each row into its free slot of the persistent `DecodeState` (rows of one KV cache of
-`slots` x `max_seq_len`), donated and updated in place; `generate` advances every slot in
-use by one token. The engine keeps no notion of requests: which slot holds what, and when a
-row is done, is the scheduler's business (`grok.engine.scheduler`). A separate insert
-program would be one more per prompt length, since it takes the prefilled rows' keys and
-values as they are shaped.
+`prefill` runs a few prompts (or a part of each: `PrefillRow`) through the model straight
+into their slots of the persistent `DecodeState` (rows of one KV cache of `slots` x
+`max_seq_len`), donated and updated in place, and draws each one's first token; `generate`
+advances every slot in use by one token. A prefill may continue what a slot's cache
+already holds (an earlier chunk of a long prompt, or a cached prefix that `load_blocks`
+copied in from the prefix cache's pool; `save_blocks` copies full blocks out to it). The
+engine keeps no notion of requests: which slot holds what, and when a row is done, is the
+scheduler's business (`grok.engine.scheduler`).
 
 Shapes are bucketed so that a few compiled programs serve every request: prefill batches and
 the decode rows to powers of two (padded to the mesh's data axis), prompt lengths and the
-attended part of the cache to powers of two from a floor (`Buckets`, per platform). Each
+attended part of the cache to powers of two from a floor (`Buckets`, per platform), and
+with chunked prefill no prompt part is longer than a chunk. Each
 program is compiled ahead of time once per shape and kept; `warmup` compiles all of them.
 Every array of the decode state declares its layout in `STATE_SPECS`, so placements are
 looked up, not guessed.
@@ -32,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok import compilation, sharding
 from grok.config import GrokConfig
+from grok.engine.prefix_cache import POOL_SPECS, BlockPool, PrefixCache
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, init_cache
@@ -48,9 +51,10 @@ ROWS_BY_VOCAB = P(DATA, None)  # [B, V]
 ROWS_BY_SLOT = P(DATA, None)  # [B, S]
 REPLICATED = P()  # a step's draw: every process reads it
 # Layouts of a prefill's inputs after the parameters and the state, in
-# `Engine._prefill_inputs` order: target slots, tokens, lengths, seeds, sampling, allowed.
-PREFILL_INPUT_SPECS = (REPLICATED, ROWS_BY_SLOT, ROWS, ROWS, SamplingParams(ROWS, ROWS, ROWS),
-                       ROWS_BY_VOCAB)
+# `Engine._prefill_inputs` order: target slots, starts, tokens, lengths, seeds, sampling,
+# allowed.
+PREFILL_INPUT_SPECS = (REPLICATED, ROWS, ROWS_BY_SLOT, ROWS, ROWS,
+                       SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB)
 
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
@@ -132,28 +136,19 @@ def state_shapes(config: GrokConfig, mesh, slots: int, max_len: int) -> DecodeSt
         shapes, STATE_SPECS, is_leaf=lambda x: isinstance(x, P))
 
 
-def _write_slots(state: DecodeState, slots, cache: KVCache, tokens, seeds, sampling,
-                 allowed) -> DecodeState:
-    """Prefilled rows [Bp, ...] (cache k, v [L, Bp, K, T, C]) into slots `slots[i]` of
-    the state; rows whose slot is out of range (padding) are dropped."""
-    length = cache.key_valid.shape[1]
+class PrefillRow(NamedTuple):
+    """One request's part of a prefill: prompt tokens [start, stop) into slot `slot`, whose
+    cache holds the first `start` already (a cached prefix, or earlier chunks)."""
 
-    def put(full, rows):  # per-row values [B, ...] <- [Bp, ...]
-        return full.at[slots].set(rows, mode="drop")
+    request: Request
+    slot: int
+    start: int
+    stop: int
 
-    def put_kv(full, rows):  # [L, B, K, S, C] <- [L, Bp, K, T, C]: the first T slots
-        return full.at[:, slots, :, :length].set(rows.astype(full.dtype), mode="drop")
-
-    key_valid = jnp.zeros((slots.shape[0], state.cache.max_len), bool)
-    key_valid = key_valid.at[:, :length].set(cache.key_valid)
-    return DecodeState(
-        KVCache(put_kv(state.cache.k, cache.k), put_kv(state.cache.v, cache.v),
-                put(state.cache.lengths, cache.lengths),
-                state.cache.key_valid.at[slots].set(key_valid, mode="drop")),
-        put(state.tokens, tokens), put(state.steps, jnp.zeros_like(tokens)),
-        put(state.seeds, seeds),
-        SamplingParams(*(put(a, b) for a, b in zip(state.sampling, sampling, strict=True))),
-        put(state.allowed, allowed))
+    @property
+    def final(self) -> bool:
+        """The prompt's last part: its draw is the request's first token."""
+        return self.stop == len(self.request.prompt_ids)
 
 
 def _keys(seeds, steps):
@@ -170,7 +165,14 @@ class Engine:
     """Compiled steps for one loaded model and one decode-state shape."""
 
     def __init__(self, grok, max_batch: int, max_seq_len: int,
-                 log: Callable[[str], None] | None = None, buckets: Buckets | None = None):
+                 log: Callable[[str], None] | None = None, buckets: Buckets | None = None,
+                 prefill_chunk: int | None = None, deterministic: bool = False):
+        """`prefill_chunk`: the most prompt tokens one prefill takes of a prompt (longer
+        ones are prefilled a chunk at a time, between decode steps), a power of two; None:
+        whole prompts. `deterministic`: every step has one shape whatever is in flight
+        (decode: all slots, the whole cache attended; prefill: one row of one chunk, at
+        positions that are multiples of the chunk), so that a request's numbers do not
+        depend on other requests, on the prefix cache or on when it joined (see README)."""
         cfg = grok.config
         for name, value, low, high in (("max_batch", max_batch, 1, MAX_SLOTS),
                                        ("max_seq_len", max_seq_len, 2, cfg.sequence_len)):
@@ -178,6 +180,12 @@ class Engine:
                     or not low <= value <= high:
                 raise GrokError(f"{name} must be an integer in [{low}, {high}], "
                                 f"got {value!r:.40}")
+        check_prefill_chunk(prefill_chunk)
+        if deterministic and prefill_chunk is None:
+            raise GrokError("deterministic steps need a prefill chunk (their one prefill "
+                            "shape)")
+        self.prefill_chunk = prefill_chunk
+        self.deterministic = deterministic
         self.grok = grok
         self.config = cfg
         self.mesh = grok.mesh
@@ -236,9 +244,13 @@ class Engine:
         return next(b for b in self._row_buckets if b >= n)
 
     def prompt_bucket(self, longest: int) -> int:
+        if self.deterministic:
+            return min(self.prefill_chunk, self.max_seq_len)
         return bucket(longest, cap=self.max_seq_len, minimum=self.buckets.min_prompt)
 
     def attend_bucket(self, filled: int) -> int:
+        if self.deterministic:
+            return self.max_seq_len
         return bucket(filled, cap=self.max_seq_len, minimum=self.buckets.min_attend)
 
     def prefill_groups(self, prompt_lengths: Sequence[int]) -> list[list[int]]:
@@ -258,50 +270,95 @@ class Engine:
         fitting = [b for b in self._row_buckets if budget is None or b * length <= budget]
         return max(fitting, default=self._row_buckets[0])
 
-    # --- the three steps ------------------------------------------------------------------
+    def prefill_key(self, rows: Sequence[PrefillRow]) -> tuple:
+        """The program a prefill of these rows runs: ("prefill", batch, length) when every
+        row starts a prompt (it attends to its own tokens only), else ("extend", batch,
+        length, attend), which also attends to what the slots hold."""
+        batch = self.rows_for(len(rows))
+        length = self.prompt_bucket(max(r.stop - r.start for r in rows))
+        if all(r.start == 0 for r in rows) and not self.deterministic:
+            return ("prefill", batch, length)
+        return ("extend", batch, length, max(length, self.attend_bucket(
+            max(r.stop for r in rows))))
+
+    # --- the steps ---------------------------------------------------------------------------
 
     def init_state(self) -> DecodeState:
         """An empty decode state: every slot free."""
         return self._init_step()()
 
-    def prefill(self, requests: Sequence[Request], state: DecodeState,
-                slots: Sequence[int]) -> tuple[DecodeState, Sample]:
-        """Runs the prompts (at most `slots`) through the model in one batch and writes
-        request i into slot `slots[i]` of the state (donated: updated in place), ready to
-        decode; returns the new state and the first draws on the host."""
-        n = len(requests)
-        length = self.prompt_bucket(max(len(r.prompt_ids) for r in requests))
+    def prefill(self, rows: Sequence[PrefillRow], state: DecodeState
+                ) -> tuple[DecodeState, Sample]:
+        """Runs each row's prompt part through the model in one batch, straight into its
+        slot of the state (donated: updated in place), and draws the token after it (the
+        request's first, for a `final` row; meaningless otherwise). Returns the new state
+        and the draws on the host."""
+        n = len(rows)
+        key = self.prefill_key(rows)
+        batch, length = key[1:3]
         if not 1 <= n <= self.max_prefill_batch(length):
             raise ValueError(f"a prefill of prompt bucket {length} takes 1 to "
-                             f"{self.max_prefill_batch(length)} requests, got {n}")
-        if len(slots) != n or len(set(slots)) != n or any(
-                not 0 <= s < self.slots for s in slots):
-            raise ValueError(f"bad slots {list(slots)} for {n} requests and {self.slots} "
+                             f"{self.max_prefill_batch(length)} rows, got {n}")
+        slots = [r.slot for r in rows]
+        if len(set(slots)) != n or any(not 0 <= s < self.slots for s in slots) or any(
+                not 0 <= r.start < r.stop <= len(r.request.prompt_ids) for r in rows):
+            raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
                              "slots")
-        batch = self.rows_for(n)
         arrays = self._prefill_inputs(batch, length)
-        index, tokens, lengths, seeds, sampling, allowed = arrays
+        index, starts, tokens, lengths, seeds, sampling, allowed = arrays
         index[:n] = slots  # the padding rows' slot is out of range: their writes are dropped
-        for i, r in enumerate(requests):
-            s = r.settings
-            tokens[i, : len(r.prompt_ids)] = r.prompt_ids
-            lengths[i] = len(r.prompt_ids)
+        for i, r in enumerate(rows):
+            s = r.request.settings
+            starts[i] = r.start
+            tokens[i, : r.stop - r.start] = r.request.prompt_ids[r.start:r.stop]
+            lengths[i] = r.stop - r.start
             seeds[i] = _seed_bits(s.seed)
             sampling.temperature[i], sampling.top_p[i], sampling.top_k[i] = \
                 s.temperature, s.top_p, s.top_k
             allowed[i] = allowed_mask(self.config, s, self.grok.tokenizer)
         args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
-        state, first, tally = self._prefill_step(batch, length, args)(*args)
+        state, first, tally = self._prefill_step(key, args)(*args)
         first, tally = jax.device_get((first, tally))
         self._count("prefill", tally)
         return state, first
+
+    def load_blocks(self, state: DecodeState, cache: PrefixCache, slot: int,
+                    blocks: Sequence[int], prompt_ids: Sequence[int]) -> DecodeState:
+        """Copies pool blocks (a prompt's first len(blocks) blocks) into slot `slot`, whose
+        cache then holds those tokens (the state is donated)."""
+        cached = len(blocks) * cache.block_size
+        ids = self._block_ids(cache, dict(enumerate(blocks)))
+        valid = np.zeros(self.max_seq_len, bool)
+        valid[:cached] = np.asarray(prompt_ids[:cached]) > self.config.pad_token
+        args = (state, cache.pool, self._put(np.int32(slot), REPLICATED), ids,
+                self._put(np.int32(cached), REPLICATED), self._put(valid, REPLICATED))
+        return self._blocks_step("load_blocks", cache, args)(*args)
+
+    def save_blocks(self, state: DecodeState, cache: PrefixCache, slot: int,
+                    blocks: dict[int, int]) -> BlockPool:
+        """Copies blocks of slot `slot`'s cache into the pool: `blocks` maps a block's
+        position in the row (its i-th block) to the pool block it goes to. Returns the new
+        pool (the old one is donated)."""
+        args = (state, cache.pool, self._put(np.int32(slot), REPLICATED),
+                self._block_ids(cache, blocks))
+        return self._blocks_step("save_blocks", cache, args)(*args)
+
+    def _block_ids(self, cache: PrefixCache, blocks: dict[int, int]) -> jax.Array:
+        """i32[row blocks]: the pool block of each block of a slot's row; the pool's size
+        (out of range: nothing copied) where none."""
+        ids = np.full(self.max_seq_len // cache.block_size, cache.settings.blocks, np.int32)
+        for position, block in blocks.items():
+            ids[position] = block
+        return self._put(ids, REPLICATED)
 
     def generate(self, state: DecodeState, active: jax.Array, rows: int, filled: int
                  ) -> tuple[DecodeState, Sample]:
         """One token for each active slot among the first `rows` (a bucket from
         `row_buckets`); `active` is bool[slots] on the devices (see `put_active`);
         `filled` is the most cache slots any active row will hold after this step.
-        Returns the new state and the draws of the first `rows` slots, on the host."""
+        Returns the new state and the draws of the first `rows` slots, on the host.
+        Deterministic steps decode every slot."""
+        rows = self.slots if self.deterministic else rows
         attend = self.attend_bucket(filled)
         args = (self.grok.params, state, active)
         state, drawn, tally = self._decode_step(rows, attend, args)(*args)
@@ -319,12 +376,25 @@ class Engine:
 
     def warmup_keys(self) -> list[tuple]:
         """Every program a request can need, as `programs()` keys: what `warmup` compiles."""
+        cache = self.grok.prefix_cache
+        blocks = ([("load_blocks", cache.settings), ("save_blocks", cache.settings)]
+                  if cache is not None and self.max_seq_len >= cache.block_size else [])
+        if self.deterministic:
+            return [("init",), ("extend", self._row_buckets[0], self.prompt_bucket(1),
+                                self.max_seq_len), ("decode", self.slots, self.max_seq_len),
+                    *blocks]
+        chunk = self.prefill_chunk or self.max_seq_len
+        lengths = [n for n in self.prompt_buckets() if n <= max(chunk, self.buckets.min_prompt)]
         keys: list[tuple] = [("init",)]
         for batch in self.row_buckets():
-            keys += [("prefill", batch, length) for length in self.prompt_buckets()
+            keys += [("prefill", batch, length) for length in lengths
                      if batch <= self.max_prefill_batch(length)]
             keys += [("decode", batch, attend) for attend in self.attend_buckets()]
-        return keys
+        if self.prefill_chunk is not None or cache is not None:
+            # A prompt continued one row at a time: after a chunk, or a cached prefix.
+            keys += [("extend", self._row_buckets[0], length, attend) for length in lengths
+                     for attend in self.attend_buckets() if attend >= length]
+        return keys + blocks
 
     def warmup(self, keys: Sequence[tuple] | None = None,
                progress: Callable[[int, int, float], None] | None = None) -> None:
@@ -347,11 +417,23 @@ class Engine:
         if kind == "init":
             return self._init_step()
         params, state = self.grok.params, self.state_shapes()
-        if kind == "prefill":
-            batch, length = shape
-            return self._prefill_step(batch, length, (params, state, *jax.tree.map(
+        if kind in ("prefill", "extend"):
+            batch, length = shape[:2]
+            return self._prefill_step(key, (params, state, *jax.tree.map(
                 lambda a, spec: self._abstract(a.shape, a.dtype, spec),
                 self._prefill_inputs(batch, length), PREFILL_INPUT_SPECS)))
+        if kind in ("load_blocks", "save_blocks"):
+            cache = self.grok.prefix_cache
+            if cache is None or cache.settings != shape[0]:
+                raise ValueError(f"{key!r}: the model's prefix cache is "
+                                 f"{None if cache is None else cache.settings}")
+            scalar = self._abstract((), jnp.int32, REPLICATED)
+            ids = self._abstract((self.max_seq_len // cache.block_size,), jnp.int32,
+                                 REPLICATED)
+            args = (state, cache.shapes(), scalar, ids)
+            if kind == "load_blocks":
+                args += (scalar, self._abstract((self.max_seq_len,), jnp.bool_, REPLICATED))
+            return self._blocks_step(kind, cache, args)
         if kind == "decode":
             rows, attend = shape
             return self._decode_step(rows, attend, (
@@ -369,7 +451,8 @@ class Engine:
 
     def programs(self) -> dict[tuple, jax.stages.Compiled]:
         """Every program compiled so far, by key: ("init",), ("prefill", batch, length),
-        ("decode", rows, attend). For sizing and inspection
+        ("extend", batch, length, attend), ("decode", rows, attend), ("load_blocks",
+        settings), ("save_blocks", settings). For sizing and inspection
         (`memory_analysis`, `as_text`)."""
         return dict(self._compiled)
 
@@ -377,9 +460,9 @@ class Engine:
 
     def _prefill_inputs(self, batch: int, length: int) -> tuple:
         """Host inputs of a prefill of `batch` rows, each a padding row until filled in:
-        target slots [B] (out of range: dropped), tokens [B, T], lengths [B], seeds [B],
-        SamplingParams [B], allowed [B, V]."""
-        return (np.full(batch, self.slots, np.int32),
+        target slots [B] (out of range: dropped), starts [B], tokens [B, T], lengths [B],
+        seeds [B], SamplingParams [B], allowed [B, V]."""
+        return (np.full(batch, self.slots, np.int32), np.zeros(batch, np.int32),
                 np.full((batch, length), self.config.pad_token, np.int32),
                 np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
                 SamplingParams(np.zeros(batch, np.float32), np.ones(batch, np.float32),
@@ -389,10 +472,20 @@ class Engine:
     def _init_step(self):
         return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
 
-    def _prefill_step(self, batch: int, length: int, args):
-        return self._compiled_step(("prefill", batch, length), self._prefill_fn(), args,
-                                   f"prefill (batch {batch}, prompt bucket {length})",
-                                   donate=(1,))
+    def _prefill_step(self, key: tuple, args):
+        kind, batch, length, *attend = key
+        what = (f"prefill (batch {batch}, prompt bucket {length})" if kind == "prefill" else
+                f"prefill continuing a cache (batch {batch}, part bucket {length}, "
+                f"attending {attend[0]})")
+        return self._compiled_step(key, self._prefill_fn(attend[0] if attend else length),
+                                   args, what, donate=(1,))
+
+    def _blocks_step(self, kind: str, cache: PrefixCache, args):
+        what = {"load_blocks": "copy from the prefix cache",
+                "save_blocks": "copy into the prefix cache"}[kind]
+        fn = _load_blocks if kind == "load_blocks" else _save_blocks
+        return self._compiled_step((kind, cache.settings), fn, args, what,
+                                   donate=(0,) if kind == "load_blocks" else (1,))
 
     def _decode_step(self, rows: int, attend: int, args):
         return self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
@@ -404,19 +497,35 @@ class Engine:
     def _init_fn(self):
         return init_state_fn(self.config, self.slots, self.max_seq_len, self.cache_dtype)
 
-    def _prefill_fn(self):
-        grok, cfg, cache_dtype = self.grok, self.config, self.cache_dtype
+    def _prefill_fn(self, attend: int):
+        grok = self.grok
 
-        def prefill(params, state: DecodeState, slots, tokens, lengths, seeds, sampling,
-                    allowed):
-            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], cache_dtype)
+        def prefill(params, state: DecodeState, slots, starts, tokens, lengths, seeds,
+                    sampling, allowed):
+            """Rows [Bp] continue their slots `slots` (out of range: padding) from
+            `starts`; what a slot held past its start (an earlier request's) is forgotten."""
+            cache = state.cache
+            kept = (cache.key_valid.at[slots].get(mode="fill", fill_value=False)
+                    & (jnp.arange(cache.max_len)[None, :] < starts[:, None]))  # [Bp, S]
+            cache = cache._replace(lengths=cache.lengths.at[slots].set(starts, mode="drop"),
+                                   key_valid=cache.key_valid.at[slots].set(kept, mode="drop"))
             logits, cache, routing = grok.model.apply(params, tokens, cache, num_new=lengths,
-                                                      with_routing=True)
+                                                      attend_len=attend, with_routing=True,
+                                                      rows=slots)
             last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
             last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
             first = sample(last.astype(jnp.float32), _keys(seeds, jnp.zeros_like(lengths)),
                            sampling, allowed)
-            state = _write_slots(state, slots, cache, first.tokens, seeds, sampling, allowed)
+
+            def put(full, rows):  # per-slot values [B, ...] <- [Bp, ...]
+                return full.at[slots].set(rows, mode="drop")
+
+            state = DecodeState(
+                cache, put(state.tokens, first.tokens),
+                put(state.steps, jnp.zeros_like(lengths)), put(state.seeds, seeds),
+                SamplingParams(*(put(a, b) for a, b in zip(state.sampling, sampling,
+                                                           strict=True))),
+                put(state.allowed, allowed))
             real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [Bp, T]
             return state, first, self._tally(routing, real)
         return prefill
@@ -470,7 +579,10 @@ class Engine:
         sample_out = Sample(*(replicated,) * 4)
         return {"init": self._state_shardings,
                 "prefill": (self._state_shardings, sample_out, tally_out),
-                "decode": (self._state_shardings, sample_out, tally_out)}[kind]
+                "extend": (self._state_shardings, sample_out, tally_out),
+                "decode": (self._state_shardings, sample_out, tally_out),
+                "load_blocks": self._state_shardings,
+                "save_blocks": self._shardings(POOL_SPECS)}[kind]
 
     def _compiled_step(self, key: tuple, fn, args, what: str, donate: tuple[int, ...] = ()):
         if key not in self._compiled:
@@ -490,3 +602,40 @@ class Engine:
                 self.log(f"{'loaded' if cached else 'compiled'} {what} in {took:.1f} s"
                          f"{' (from the compilation cache)' if cached else ''}")
         return self._compiled[key]
+
+
+def _row_of_blocks(blocks: jax.Array) -> jax.Array:  # [L, M, K, b, C] -> [L, K, M * b, C]
+    layers, m, k, b, c = blocks.shape
+    return blocks.transpose(0, 2, 1, 3, 4).reshape(layers, k, m * b, c)
+
+
+def _load_blocks(state: DecodeState, pool: BlockPool, slot, ids, cached, valid
+                 ) -> DecodeState:
+    """Pool blocks `ids` [M] (out of range: zeros) into the first M blocks of slot `slot`,
+    which then holds `cached` tokens, `valid` [S] marking its non-pad ones."""
+    def put(full, blocks):  # [L, B, K, S, C] <- the blocks, as one row [L, K, M * b, C]
+        row = _row_of_blocks(blocks.at[:, ids].get(mode="fill", fill_value=0))
+        return jax.lax.dynamic_update_slice(full, row[:, None].astype(full.dtype),
+                                            (0, slot, 0, 0, 0))
+    cache = state.cache
+    return state._replace(cache=KVCache(put(cache.k, pool.k), put(cache.v, pool.v),
+                                        cache.lengths.at[slot].set(cached),
+                                        cache.key_valid.at[slot].set(valid)))
+
+
+def _save_blocks(state: DecodeState, pool: BlockPool, slot, ids) -> BlockPool:
+    """The first M blocks of slot `slot` into pool blocks `ids` [M] (out of range:
+    skipped)."""
+    def put(blocks, full):  # [L, N, K, b, C] <- row `slot` of [L, B, K, S, C]
+        layers, _, k, b, c = blocks.shape
+        m = ids.shape[0]
+        row = jax.lax.dynamic_slice(full, (0, slot, 0, 0, 0), (layers, 1, k, m * b, c))[:, 0]
+        split = row.reshape(layers, k, m, b, c).transpose(0, 2, 1, 3, 4)
+        return blocks.at[:, ids].set(split.astype(blocks.dtype), mode="drop")
+    return BlockPool(put(pool.k, state.cache.k), put(pool.v, state.cache.v))
+
+
+def check_prefill_chunk(chunk: int | None) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or chunk < 1 or chunk & (chunk - 1)):
+        raise GrokError(f"prefill chunk must be a power of two (or off), got {chunk!r:.40}")

@@ -129,6 +129,7 @@ class Completion:
     top_alternatives: list[list[tuple[int, float]]]  # per token: 8 (id, log-prob), best first
     text: str
     finish_reason: str  # one of FINISH_REASONS
+    cached_tokens: int = 0  # prompt tokens copied from the prefix cache, not computed
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

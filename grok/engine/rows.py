@@ -17,8 +17,11 @@ class Row:
     be, so a streamed increment is never taken back.
     """
 
-    def __init__(self, request: Request, eos_token: int, decoder: StreamDecoder | None):
+    def __init__(self, request: Request, eos_token: int, decoder: StreamDecoder | None,
+                 cached_tokens: int = 0):
+        """`cached_tokens`: prompt tokens that came from the prefix cache."""
         self.request = request
+        self.cached_tokens = cached_tokens
         self.eos_token = eos_token
         self.decoder = decoder
         self.output_ids: list[int] = []
@@ -64,7 +67,7 @@ class Row:
         return Completion(self.request.prompt, list(self.request.prompt_ids),
                           list(self.output_ids), list(self.logprobs),
                           [list(a) for a in self.alternatives], self.text,
-                          self.finish_reason or "length")
+                          self.finish_reason or "length", self.cached_tokens)
 
 
 def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -1,7 +1,15 @@
 """Continuous batching: requests wait in a queue, take free slots between decode steps, and
 give their slot back the moment they finish or are cancelled.
 
-The scheduler is plain Python around the engine's three compiled steps and is not
+Each step admits waiting requests into free slots (copying in the blocks of their prompt
+that the model's prefix cache holds), prefills, then advances every running request by a
+token. With a prefill chunk, a step prefills about a chunk of prompt tokens at most (whole
+short prompts, batched, or the next chunk of a long one) so that a long prompt delays the
+running requests by a chunk's time per step, not by its whole prefill. A request whose
+next uncached block another request is about to compute waits for it (SGLang's in-batch
+prefix sharing), so that prompts sent together with a shared preamble compute it once.
+
+The scheduler is plain Python around the engine's compiled steps and is not
 thread-safe: one thread owns it and every JAX call (the server's device thread, or the
 caller of `Grok.generate`). Its decisions depend only on the order of `submit`, `cancel`
 and `step` calls and on the drawn tokens, so processes of a multi-process run that make the
@@ -16,7 +24,8 @@ import time
 
 import numpy as np
 
-from grok.engine.engine import Engine
+from grok.engine.engine import Engine, PrefillRow
+from grok.engine.prefix_cache import block_keys
 from grok.engine.request import Event, Request
 from grok.engine.rows import Row
 
@@ -30,10 +39,32 @@ class Stats:
     """Work done since the scheduler was made."""
 
     prefill_s: float = 0.0  # prefills into slots, until the first draws are on the host
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens computed
+    cached_tokens: int = 0  # prompt tokens copied in from the prefix cache instead
+    queried_tokens: int = 0  # prompt tokens of requests admitted with the prefix cache on
     decode_s: float = 0.0
     decode_tokens: int = 0  # tokens drawn by decode steps (not counting first tokens)
     decode_steps: int = 0
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A running request: prefilled up to `prefilled`, then decoded."""
+
+    rid: int
+    row: Row
+    prefilled: int  # prompt tokens its slot's cache holds
+    keys: list[bytes]  # chained keys of its prompt's full blocks (prefix cache on)
+    blocks: list[int]  # pool blocks it holds, released when it ends
+    matched: int  # leading blocks that came from the pool
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.row.request.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == self.prompt_len
 
 
 class Scheduler:
@@ -46,11 +77,12 @@ class Scheduler:
         self.engine = engine
         self.max_queue = max_queue
         self.shrink_rows = shrink_rows
+        self.prefix_cache = engine.grok.prefix_cache
         self._state = engine.init_state()
         self._waiting: collections.deque[tuple[int, Request]] = collections.deque()
-        self._rows: list[Row | None] = [None] * engine.slots  # per slot
-        self._ids: list[int | None] = [None] * engine.slots
-        self._active = np.zeros(engine.slots, bool)
+        self._slots: list[_Slot | None] = [None] * engine.slots
+        self._prefilling: list[int] = []  # slots not yet decoding, in admission order
+        self._active = np.zeros(engine.slots, bool)  # slots decoding
         self._active_on_device = None  # uploaded copy of _active, None when stale
         self._next_id = 0
         self.stats = Stats()
@@ -67,11 +99,12 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return int(self._active.sum())
+        """Requests holding a slot (prefilling or decoding)."""
+        return sum(s is not None for s in self._slots)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._active.any())
+        return bool(self._waiting) or any(s is not None for s in self._slots)
 
     def submit(self, request: Request) -> int:
         """Queues a checked request (see `Engine.make_request`); returns its id."""
@@ -84,22 +117,26 @@ class Scheduler:
         return rid
 
     def cancel(self, request_id: int) -> bool:
-        """Drops a waiting request or frees a running one's slot; no events follow.
-        Returns whether the request was still there."""
+        """Drops a waiting request or frees a running one's slot (and the cached blocks it
+        holds); no events follow. Returns whether the request was still there."""
         for i, (rid, _) in enumerate(self._waiting):
             if rid == request_id:
                 del self._waiting[i]
                 return True
-        if request_id in self._ids:
-            self._free(self._ids.index(request_id))
-            return True
+        for slot, held in enumerate(self._slots):
+            if held is not None and held.rid == request_id:
+                self._free(slot)
+                return True
         return False
 
     def step(self) -> list[Event]:
-        """Admits waiting requests into free slots, then advances every running one by a
-        token. Returns the events of this step, in slot order after admission order."""
+        """Admits waiting requests into free slots, prefills (at most about a chunk of
+        prompt tokens, with a prefill chunk), then advances every decoding request by a
+        token. Returns the events of this step: first tokens in prefill order, then the
+        decode step's in slot order."""
         events: list[Event] = []
-        self._admit(events)
+        self._admit()
+        self._prefill(events)
         if self._active.any():
             self._decode(events)
         return events
@@ -111,44 +148,128 @@ class Scheduler:
         return time.perf_counter() - self.engine.compile_seconds
 
     def _free(self, slot: int) -> None:
-        self._rows[slot] = self._ids[slot] = None
+        held = self._slots[slot]
+        if self.prefix_cache is not None:
+            self.prefix_cache.index.release(held.blocks)
+        self._slots[slot] = None
+        if slot in self._prefilling:
+            self._prefilling.remove(slot)
         self._active[slot] = False
         self._active_on_device = None
 
     def _accept(self, slot: int, token, logprob, top_ids, top_logprobs) -> Event:
-        row, rid = self._rows[slot], self._ids[slot]
+        held = self._slots[slot]
         top = [(int(t), float(lp)) for t, lp in zip(top_ids, top_logprobs, strict=True)]
-        text = row.accept(int(token), float(logprob), top)
+        text = held.row.accept(int(token), float(logprob), top)
         completion = None
-        if row.finished:
-            completion = row.completion()
+        if held.row.finished:
+            completion = held.row.completion()
             self._free(slot)
-        return Event(rid, int(token), float(logprob), tuple(top), text, completion)
+        return Event(held.rid, int(token), float(logprob), tuple(top), text, completion)
 
-    def _admit(self, events: list[Event]) -> None:
-        free = [s for s in range(self.engine.slots) if self._rows[s] is None]
-        taken = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
-        groups = [[taken[i] for i in group] for group in self.engine.prefill_groups(
-            [len(request.prompt_ids) for _, request in taken])]
+    def _admit(self) -> None:
+        """Waiting requests into free slots, in order, with their cached blocks copied in;
+        one whose next block another prefilling request computes waits for it."""
+        free = [s for s in range(self.engine.slots) if self._slots[s] is None]
+        cache = self.prefix_cache
+        block = cache.block_size if cache is not None else 0
+        usable = cache is not None and self.engine.max_seq_len >= block
+        coming = {key for slot in self._prefilling
+                  for key in self._slots[slot].keys[self._slots[slot].matched:]}
+        deferred: list[tuple[int, Request]] = []
         tokenizer = self.engine.grok.tokenizer
-        eos = self.engine.config.eos_token
-        for group in groups:
+        while free and self._waiting:
+            rid, request = self._waiting.popleft()
+            n = len(request.prompt_ids)
+            keys = block_keys(request.prompt_ids, block) if usable else []
+            # At most the blocks before the last token: it is always computed, for its
+            # logits.
+            matched = cache.index.match(keys[:(n - 1) // block]) if usable else []
+            if self.engine.deterministic:  # prefills start at multiples of the chunk
+                while len(matched) * block % self.engine.prefill_chunk:
+                    matched.pop()
+            if len(matched) < (n - 1) // max(block, 1) and usable \
+                    and keys[len(matched)] in coming:
+                deferred.append((rid, request))
+                continue
+            slot = free.pop(0)
+            decoder = None if tokenizer is None else tokenizer.stream_decoder()
+            row = Row(request, self.engine.config.eos_token, decoder, len(matched) * block)
+            self._slots[slot] = _Slot(rid, row, len(matched) * block, keys, list(matched),
+                                      len(matched))
+            self._prefilling.append(slot)
+            coming.update(keys[len(matched):])
+            if usable:
+                cache.index.acquire(matched)
+                self.stats = dataclasses.replace(
+                    self.stats, cached_tokens=self.stats.cached_tokens + row.cached_tokens,
+                    queried_tokens=self.stats.queried_tokens + n)
+            if matched:
+                self._state = self.engine.load_blocks(self._state, cache, slot, matched,
+                                                      request.prompt_ids)
+        self._waiting.extendleft(reversed(deferred))
+
+    def _next_prefill(self, budget: int | None) -> list[PrefillRow]:
+        """The next prefill: whole prompts of the first prefilling request's bucket (as
+        many as the engine batches and the budget allows, at least one), or the next chunk
+        of a prompt that is longer than a chunk or already begun."""
+        engine, chunk = self.engine, self.engine.prefill_chunk
+        first = self._slots[self._prefilling[0]]
+        if first.prefilled > 0 or (chunk is not None and first.prompt_len > chunk) \
+                or engine.deterministic:
+            stop = first.prompt_len if chunk is None else min(first.prompt_len,
+                                                              first.prefilled + chunk)
+            return [PrefillRow(first.row.request, self._prefilling[0], first.prefilled, stop)]
+        length = engine.prompt_bucket(first.prompt_len)
+        rows, spent = [], 0
+        for slot in self._prefilling:
+            held = self._slots[slot]
+            n = held.prompt_len
+            if held.prefilled > 0 or engine.prompt_bucket(n) != length \
+                    or (chunk is not None and n > chunk):
+                continue
+            if rows and (len(rows) == engine.max_prefill_batch(length)
+                         or (budget is not None and spent + n > budget)):
+                break
+            rows.append(PrefillRow(held.row.request, slot, 0, n))
+            spent += n
+        return rows
+
+    def _prefill(self, events: list[Event]) -> None:
+        """Prefills until about a chunk of prompt tokens is done (everything waiting,
+        without a prefill chunk); finished prompts start decoding with their first token."""
+        budget = self.engine.prefill_chunk
+        spent = 0
+        while self._prefilling and (budget is None or spent < budget):
+            rows = self._next_prefill(None if budget is None else budget - spent)
             start = self._clock()
-            slots = free[: len(group)]
-            free = free[len(group):]
-            self._state, first = self.engine.prefill([request for _, request in group],
-                                                     self._state, slots)
+            self._state, first = self.engine.prefill(rows, self._state)
+            computed = sum(r.stop - r.start for r in rows)
+            spent += computed
             self.stats = dataclasses.replace(
                 self.stats, prefill_s=self.stats.prefill_s + self._clock() - start,
-                prefill_tokens=self.stats.prefill_tokens
-                + sum(len(r.prompt_ids) for _, r in group))
-            for i, ((rid, request), slot) in enumerate(zip(group, slots, strict=True)):
-                decoder = None if tokenizer is None else tokenizer.stream_decoder()
-                self._rows[slot], self._ids[slot] = Row(request, eos, decoder), rid
-                self._active[slot] = True
-                self._active_on_device = None
-                events.append(self._accept(slot, first.tokens[i], first.logprobs[i],
-                                           first.top_ids[i], first.top_logprobs[i]))
+                prefill_tokens=self.stats.prefill_tokens + computed)
+            for i, r in enumerate(rows):
+                self._slots[r.slot].prefilled = r.stop
+                if r.final:
+                    self._prefilling.remove(r.slot)
+                    self._save_blocks(r.slot)
+                    self._active[r.slot] = True
+                    self._active_on_device = None
+                    events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
+                                               first.top_ids[i], first.top_logprobs[i]))
+
+    def _save_blocks(self, slot: int) -> None:
+        """A prefilled prompt's full blocks that the pool lacks go into it (as many as
+        blocks no running request holds allow); the request holds them until it ends."""
+        held, cache = self._slots[slot], self.prefix_cache
+        if cache is None or len(held.keys) == held.matched:
+            return
+        claimed = cache.index.claim(held.keys[held.matched:])
+        if claimed:
+            held.blocks += [block for _, block in claimed]
+            cache.pool = self.engine.save_blocks(
+                self._state, cache, slot, {held.matched + i: block for i, block in claimed})
 
     def _decode(self, events: list[Event]) -> None:
         start = self._clock()
@@ -157,7 +278,7 @@ class Scheduler:
         in_use = np.flatnonzero(self._active)
         rows = self.engine.rows_for(int(in_use[-1]) + 1) if self.shrink_rows \
             else self.engine.slots
-        filled = max(self._rows[s].filled for s in in_use)
+        filled = max(self._slots[s].row.filled for s in in_use)
         self._state, drawn = self.engine.generate(self._state, self._active_on_device,
                                                   rows, filled)
         for slot in in_use:

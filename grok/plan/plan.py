@@ -19,12 +19,14 @@ from jax.sharding import Mesh
 from grok import sharding
 from grok.api import Grok
 from grok.engine.engine import MAX_SLOTS, Engine, state_shapes
+from grok.engine.prefix_cache import DEFAULT_BLOCK_SIZE, prefix_pool_shapes
 from grok.errors import GrokError
 from grok.plan import hlo, sizes, targets
 from grok.plan.sizes import Footprint, RunShape, gib
 from grok.quant import QuantizedWeight4bit, is_quantized
 
 PROGRAM_KINDS = ("init", "prefill", "decode")
+STEP_KINDS = ("prefill", "extend", "decode")  # programs that run the model on the state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +89,10 @@ class ProgramReport:
     @property
     def name(self) -> str:
         kind, *shape = self.key
-        labels = {"prefill": ("batch", "prompt"),
-                  "decode": ("rows", "attending")}.get(kind, ())
+        labels = {"prefill": ("batch", "prompt"), "extend": ("batch", "part", "attending"),
+                  "decode": ("rows", "attending")}.get(kind)
+        if labels is None:  # init, and the block copies (keyed by the cache's settings)
+            return kind
         return " ".join([kind, *(f"{a} {b}" for a, b in zip(labels, shape, strict=True))])
 
     def to_json(self) -> dict:
@@ -108,6 +112,14 @@ class Plan:
     memory_fraction: float
     warmup_programs: int  # what the server's warmup compiles
     programs: tuple[ProgramReport, ...]  # those compiled for this plan
+    prefix_block_bytes: int  # one prefix-cache block of DEFAULT_BLOCK_SIZE tokens, per device
+
+    def prefix_blocks(self) -> int | None:
+        """Prefix-cache blocks the headroom holds: what a server takes by default."""
+        if self.usable is None:
+            return None
+        data = self.mesh_shape[0]
+        return max(0, int((self.usable - self.peak) // self.prefix_block_bytes)) // data * data
 
     @property
     def usable(self) -> int | None:
@@ -183,6 +195,8 @@ class Plan:
             "largest_extra_bytes": self.largest.extra_bytes if self.largest else 0,
             "peak_bytes": self.peak, "fits": self.fits, "verdict": self.verdict(),
             "max_slots": self.max_slots(), "max_context": self.max_context(),
+            "prefix_cache_blocks": self.prefix_blocks(),
+            "prefix_cache_block_size": DEFAULT_BLOCK_SIZE,
             "warmup_programs": self.warmup_programs,
             "compiled_programs": len(self.programs),
             "compile_s": sum(p.compile_s for p in self.programs),
@@ -237,8 +251,11 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
                                weight_shapes, run))
         if progress is not None:
             progress(done, len(keys), time.perf_counter() - start)
+    data = mesh_shape[0]
+    block_bytes = sizes.bytes_per_device(prefix_pool_shapes(
+        run.config, mesh, data, DEFAULT_BLOCK_SIZE)) // data
     return Plan(run, target, mesh_shape, footprint, memory_fraction,
-                len(engine.warmup_keys()), tuple(reports))
+                len(engine.warmup_keys()), tuple(reports), block_bytes)
 
 
 def _weight_forms(w) -> list[tuple[int, ...]]:
@@ -298,6 +315,28 @@ def most_slots(grok: Grok, max_seq_len: int, memory_fraction: float = 0.9,
                     f"more devices or a shorter --max-seq-len")
 
 
+def spare_prefix_blocks(engine: Engine, block_size: int, memory_fraction: float = 0.9
+                        ) -> int | None:
+    """Prefix-cache blocks of `block_size` tokens that fit in what `memory_fraction` of a
+    device leaves after the weights, the decode state and the largest step's temporaries
+    (compiled now if they are not yet); None where the device does not report its memory."""
+    grok, mesh = engine.grok, engine.mesh
+    memory = sizes.device_memory(mesh.devices.flat[0])
+    if memory is None:
+        return None
+    weights = sizes.bytes_per_device(grok.params)
+    footprint = Footprint(weights, sizes.bytes_per_device(engine.state_shapes()), 0,
+                          engine.slots, engine.max_seq_len)
+    extra = max(_extra_bytes(key, engine.compile_program(key), footprint)
+                for key in select(engine.warmup_keys(), STEP_KINDS, largest=True))
+    data = mesh.shape[sharding.DATA]
+    # A block's keys and values per device: a pool of one block per data row, over them.
+    per_block = sizes.bytes_per_device(prefix_pool_shapes(grok.config, mesh, data,
+                                                          block_size)) / data
+    spare = int(memory * memory_fraction) - footprint.resident - extra
+    return max(0, int(spare // per_block)) // data * data
+
+
 def _mesh(mesh_shape: tuple[int, int], target: PlanTarget) -> Mesh:
     data, model = mesh_shape
     if data * model != len(target.devices):
@@ -311,7 +350,7 @@ def _report(key, compiled, compile_s: float, footprint: Footprint, weight_shapes
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     materialized: tuple[str, ...] = ()
-    if run.weights in ("int8", "int4") and key[0] in ("prefill", "decode"):
+    if run.weights in ("int8", "int4") and key[0] in STEP_KINDS:
         materialized = tuple(hlo.materialized_weights(text, weight_shapes))
     return ProgramReport(key, compile_s, memory.argument_size_in_bytes,
                          memory.output_size_in_bytes, memory.alias_size_in_bytes,
@@ -324,7 +363,7 @@ def _extra_bytes(key: tuple, compiled, footprint: Footprint) -> int:
     and decode take as arguments, and init makes): its temporaries, outputs that alias no
     input, and other inputs."""
     memory = compiled.memory_analysis()
-    resident = footprint.resident if key[0] in ("prefill", "decode") else 0
+    resident = footprint.resident if key[0] in STEP_KINDS else 0
     made = footprint.state if key[0] == "init" else 0
     return (memory.temp_size_in_bytes
             + max(0, memory.output_size_in_bytes - memory.alias_size_in_bytes - made)
@@ -369,6 +408,11 @@ def describe(plan: Plan) -> str:
         lines.append(f"  usable         {gib(plan.usable):>12}  ({plan.memory_fraction:g} of "
                      f"{gib(target.memory_bytes)})")
         lines.append(f"  headroom       {gib(plan.usable - plan.peak):>12}")
+        blocks = plan.prefix_blocks()
+        lines.append(f"prefix cache: the headroom holds {blocks} blocks of "
+                     f"{DEFAULT_BLOCK_SIZE} tokens ({blocks * DEFAULT_BLOCK_SIZE} positions, "
+                     f"{gib(blocks * plan.prefix_block_bytes)} per device), what a server "
+                     f"takes by default")
     lines.append(f"verdict: {plan.verdict()}")
     total = sum(p.compile_s for p in plan.programs)
     lines.append(f"programs: warmup compiles {plan.warmup_programs}; compiled "

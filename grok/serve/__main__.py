@@ -22,11 +22,18 @@ from pathlib import Path
 
 from grok import cli, compilation, demo, distributed, sharding
 from grok.config import resolve_config
+from grok.engine.engine import check_prefill_chunk
 from grok.errors import GrokError
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
 CPU_MAX_BATCH = 8
+# Prompt tokens per prefill chunk. On the CPU bench model any chunk reads every expert's
+# weights, as a decode step does; 16 tokens cost about one more step (README, "Prefix
+# caching and chunked prefill"). On an accelerator a chunk of 512 is about where a step
+# stops costing its weight reads alone (see `Buckets`).
+CPU_PREFILL_CHUNK = 16
+PREFILL_CHUNK = 512
 AUTO = cli.AUTO
 
 
@@ -49,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-seq-len", type=int,
                    help="positions per slot, prompt plus new tokens (default: the model's "
                         "context)")
+    s.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="prefill prompts at most this many tokens at a time (a power of two), "
+                        "decoding the running requests between chunks; 0: whole prompts "
+                        f"(default: {CPU_PREFILL_CHUNK} on CPU, {PREFILL_CHUNK} on "
+                        "accelerators)")
+    s.add_argument("--deterministic", action="store_true",
+                   help="give every step one shape (decode all slots over the whole cache, "
+                        "prefill one chunk of one prompt at a time), so that a request's "
+                        "numbers do not depend on what else is in flight, on the prefix "
+                        "cache or on when it arrived; slower (see README)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="sequences that may wait for a slot; more get 429 (default: "
                         "%(default)s)")
@@ -87,8 +104,20 @@ def _check(args) -> tuple:
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
     mesh = sharding.make_mesh(args.mesh)
     sharding.check_mesh(config, mesh)
+    cpu = mesh.devices.flat[0].platform == "cpu"
     if args.max_batch is None:
-        args.max_batch = CPU_MAX_BATCH if mesh.devices.flat[0].platform == "cpu" else AUTO
+        args.max_batch = CPU_MAX_BATCH if cpu else AUTO
+    if args.prefill_chunk is None:
+        args.prefill_chunk = CPU_PREFILL_CHUNK if cpu else PREFILL_CHUNK
+    try:
+        check_prefill_chunk(args.prefill_chunk or None)
+    except GrokError:
+        raise GrokError(f"--prefill-chunk must be a power of two, or 0 for whole prompts; got "
+                        f"{args.prefill_chunk}") from None
+    if args.deterministic and not args.prefill_chunk:
+        raise GrokError("--deterministic prefills in chunks: give --prefill-chunk a power of "
+                        "two, not 0")
+    cli.check_prefix_cache_flags(args)
     from grok.plan.sizes import RunShape, check_fits
 
     # With auto, at least one slot per data row must fit; the plan then takes the most.
@@ -111,6 +140,7 @@ def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
     def build():
         from grok.api import Grok
         from grok.engine.progress import ProgressLine
+        from grok.plan.plan import spare_prefix_blocks
 
         start = time.perf_counter()
         grok = Grok.load(args.checkpoint, config, tokenizer_path=tokenizer,
@@ -128,8 +158,17 @@ def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
             log.info("--max-batch auto: %d slots of %d positions fit %g of each device's "
                      "memory (sized in %.1f s)", slots, max_seq_len, args.memory_fraction,
                      time.perf_counter() - start)
-        engine = grok.engine(slots, max_seq_len)
+        engine = grok.engine(slots, max_seq_len, prefill_chunk=args.prefill_chunk or None,
+                             deterministic=args.deterministic)
         on_slots(engine.slots)
+        cache = cli.prefix_cache_settings(
+            args, engine.slots, max_seq_len,
+            lambda block: _agreed(spare_prefix_blocks(engine, block, args.memory_fraction)))
+        grok.enable_prefix_cache(cache)
+        if cache is not None:
+            log.info("prefix cache: %d blocks of %d tokens (%.1f MiB in all)",
+                     grok.prefix_cache.settings.blocks, cache.block_size,
+                     grok.prefix_cache.nbytes / 2**20)
         if args.warmup:
             start = time.perf_counter()
             engine.warmup(progress=ProgressLine("warming up", write=log.info))
@@ -137,6 +176,12 @@ def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
         engine.log = log.info  # compiles after warmup: shapes it did not cover
         return engine
     return build
+
+
+def _agreed(value: int | None) -> int | None:
+    """Process 0's value on every process (None where the devices report no memory, which
+    is the same on every process)."""
+    return None if value is None else distributed.agree(value)
 
 
 def main(argv: list[str] | None = None) -> int:

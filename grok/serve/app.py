@@ -185,7 +185,7 @@ async def _run(service: Service, http: Request, prompts: Sequence[str | list[int
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     completions = await _collect(service, http, ticket)
-    return JSONResponse(fmt.response(completions, prompt_tokens))
+    return JSONResponse(fmt.response(completions, prompt_tokens, sampling.n))
 
 
 def _engine_requests(engine, prompts: Sequence[str | list[int]],
@@ -242,7 +242,7 @@ async def _stream(service: Service, ticket: Ticket, fmt: _Format, sampling: Samp
     response_id, created = protocol.new_id(fmt.id_prefix), protocol.now()
     usage_field = {"usage": None} if sampling.include_usage else {}
     open_choices = set(range(ticket.count))
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         out = [protocol.sse(c | usage_field) for c in fmt.opening(response_id, created,
                                                                      ticket.count)]
@@ -260,11 +260,13 @@ async def _stream(service: Service, ticket: Ticket, fmt: _Format, sampling: Samp
                 if item.completion is not None:
                     open_choices.discard(index)
                     completion_tokens += len(item.completion.output_ids)
+                    if index % sampling.n == 0:  # a prompt's first choice
+                        cached_tokens += item.completion.cached_tokens
             if out:
                 yield b"".join(out)
         if sampling.include_usage:
             yield protocol.sse(fmt.envelope(response_id, created, []) | {
-                "usage": protocol.usage(prompt_tokens, completion_tokens)})
+                "usage": protocol.usage(prompt_tokens, completion_tokens, cached_tokens)})
         yield protocol.DONE
     finally:
         if open_choices:
@@ -296,12 +298,14 @@ class _Format:
         return {"id": response_id, "object": self.chunk_object if chunk else self.object,
                 "created": created, "model": self.model, "choices": choices}
 
-    def response(self, completions: list[Completion], prompt_tokens: int) -> dict:
+    def response(self, completions: list[Completion], prompt_tokens: int, n: int) -> dict:
+        """`n`: choices per prompt (each prompt's first reports its cached tokens)."""
         choices = [self.choice(i, c) for i, c in enumerate(completions)]
         return self.envelope(protocol.new_id(self.id_prefix), protocol.now(), choices,
                              chunk=False) | {
             "usage": protocol.usage(prompt_tokens,
-                                    sum(len(c.output_ids) for c in completions))}
+                                    sum(len(c.output_ids) for c in completions),
+                                    sum(c.cached_tokens for c in completions[::n]))}
 
     def opening(self, response_id: str, created: int, count: int) -> list[dict]:
         return []

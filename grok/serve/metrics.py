@@ -49,6 +49,24 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("grok_generation_tokens", "Tokens generated",
                                          registry=r)
+        self.prompt_tokens_computed = Counter(
+            "grok_prompt_tokens_computed", "Prompt tokens prefilled (not served by the prefix "
+            "cache)", registry=r)
+        self.prefix_queries = Counter(
+            "grok_prefix_cache_queries", "Prompt tokens of requests admitted with the prefix "
+            "cache on (vLLM's prefix_cache_queries)", registry=r)
+        self.prefix_hits = Counter(
+            "grok_prefix_cache_hits", "Prompt tokens served by the prefix cache (vLLM's "
+            "prefix_cache_hits)", registry=r)
+        self.prefix_evictions = Counter(
+            "grok_prefix_cache_evictions", "Cached blocks dropped for newer ones", registry=r)
+        self.prefix_blocks = Gauge("grok_prefix_cache_blocks",
+                                   "Blocks the prefix cache holds in all", registry=r)
+        self.prefix_blocks_in_use = Gauge(
+            "grok_prefix_cache_blocks_in_use", "Blocks holding cached tokens", registry=r)
+        self.prefix_blocks_held = Gauge(
+            "grok_prefix_cache_blocks_held", "Blocks running requests hold (never evicted)",
+            registry=r)
         self.finished = Counter(
             "grok_requests_finished",
             "Requests ended, by reason: the engine's eos, stop or length, or cancelled "

@@ -134,6 +134,7 @@ class Worker:
         self._rid: dict[int, int] = {}  # key -> scheduler's request id
         self._key: dict[int, int] = {}  # scheduler's request id -> key
         self._live: dict[int, _Live] = {}  # key -> handler side (process 0 only)
+        self._counted = (0, 0, 0, 0)  # prompt tokens computed, queried, hit; evictions
         self._thread: threading.Thread | None = None
 
     # --- the handlers' side (any thread) ------------------------------------------------
@@ -322,7 +323,22 @@ class Worker:
 
     def _update_gauges(self) -> None:
         m, s = self.metrics, self.scheduler
-        if m is not None:
-            m.running.set(s.running)
-            m.waiting.set(s.waiting)
-            m.slots_in_use.set(s.running)
+        if m is None:
+            return
+        m.running.set(s.running)
+        m.waiting.set(s.waiting)
+        m.slots_in_use.set(s.running)
+        cache = s.prefix_cache
+        evicted = 0 if cache is None else cache.index.evicted
+        counted = (s.stats.prefill_tokens, s.stats.queried_tokens, s.stats.cached_tokens,
+                   evicted)
+        for counter, now, before in zip((m.prompt_tokens_computed, m.prefix_queries,
+                                         m.prefix_hits, m.prefix_evictions), counted,
+                                        self._counted, strict=True):
+            if now > before:
+                counter.inc(now - before)
+        self._counted = counted
+        if cache is not None:
+            m.prefix_blocks.set(cache.settings.blocks)
+            m.prefix_blocks_in_use.set(cache.index.in_use)
+            m.prefix_blocks_held.set(cache.index.held)
