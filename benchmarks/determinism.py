@@ -7,7 +7,7 @@ Bits: one seeded request (temperature 1) decodes 40 tokens alone, and again whil
 others, sent after its prefill, decode beside it; how many of its 40 log-probabilities
 differ in any bit, with decode steps shrunk to the rows in use (the default) or over all
 slots, the attended span bucketed or the whole cache, and with deterministic steps. On the
-`tiny` preset with random weights (4 slots of 64 positions).
+`tiny` preset with random weights in the release's format (4 slots of 64 positions).
 
 Cost: on CPU the step time of default and deterministic engines for the given config
 (default benchmarks/configs/cpu-bench.json, random weights; 16 slots of 288 positions,
@@ -62,15 +62,19 @@ def drive(engine, prompts, settings, shrink_rows=True, join_after=1):
 
 
 def bits() -> dict:
-    import jax
+    from bench import write_random_checkpoint
 
-    from grok import Grok, model
+    from grok import Grok
     from grok.config import TINY
     from grok.engine.engine import Buckets, Engine
     from grok.engine.request import GenerationSettings
-    from grok.sharding import make_mesh
 
-    grok = Grok(TINY, model.init_params(TINY, jax.random.key(0)), make_mesh((1, 1)))
+    # The release's format (int8 weights, used as their bf16 values), as a real model is.
+    with tempfile.TemporaryDirectory(prefix="grok-determinism-") as scratch:
+        config = Path(scratch) / "tiny.json"
+        TINY.to_json(config)
+        write_random_checkpoint(config, Path(scratch) / "ckpt")
+        grok = Grok.load(Path(scratch) / "ckpt", TINY, mesh_shape=(1, 1))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, TINY.vocab_size, 12).tolist(),
                *rng.integers(3, TINY.vocab_size, (3, 20)).tolist()]

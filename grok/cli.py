@@ -149,7 +149,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "for later prompts that begin with the same tokens (default: on)")
     c.add_argument("--prefix-cache-blocks", type=int, metavar="N",
                    help="blocks the cache holds (default: as many positions as the decode "
-                        "slots; a server on devices that report their memory takes what the "
+                        "slots; a server on accelerators that report their memory takes what the "
                         "weights, slots and steps leave of --memory-fraction)")
     c.add_argument("--prefix-block-size", type=int, default=DEFAULT_BLOCK_SIZE,
                    metavar="TOKENS", help="tokens per cached block (default: %(default)s)")

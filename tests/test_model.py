@@ -186,7 +186,7 @@ ATTN_CFG = dataclasses.replace(NANO, num_q_heads=6, num_kv_heads=2, key_size=8, 
 
 def _attention_fn(cfg):
     def f(x, positions, key_mask):
-        out, kv = Attention(cfg)(x, positions, key_mask, None, 0, None)
+        out, kv = Attention(cfg)(x, positions, key_mask, None, 0, None, None)
         assert kv is None
         return out
     return hk.without_apply_rng(hk.transform(f))

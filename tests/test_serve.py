@@ -56,6 +56,15 @@ class ThreadedServer:
         self.thread.join(10)
 
 
+def start_worker(worker: Worker, timeout: float = 120) -> None:
+    """Starts the device thread and waits until the model is loaded."""
+    worker.start()
+    deadline = time.monotonic() + timeout
+    while worker.state == "loading":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def grok():
     return Grok.load(DEMO_CHECKPOINT, DEMO_CONFIG, tokenizer_path=DEMO_TOKENIZER,
@@ -82,11 +91,7 @@ def served(grok):
     servers = [ThreadedServer(create_app(service)),
                ThreadedServer(create_app(Service(chat_config, worker, metrics)))]
     try:
-        worker.start()
-        deadline = time.monotonic() + 120
-        while worker.state == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        start_worker(worker)
         yield service, servers[0].url, servers[1].url
     finally:
         for s in servers:

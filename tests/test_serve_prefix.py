@@ -9,7 +9,6 @@ test_prefix_cache.py for why tokens compare exactly.
 
 import asyncio
 import re
-import time
 
 import pytest
 
@@ -19,7 +18,7 @@ import httpx
 import openai
 from conftest import TOKENIZER
 from test_prefix_cache import PREAMBLE, PROMPTS
-from test_serve import ThreadedServer
+from test_serve import ThreadedServer, start_worker
 
 from grok import Grok
 from grok.engine.prefix_cache import PrefixCacheSettings
@@ -58,11 +57,7 @@ def url(grok, expected):
                           eos_id=grok.config.eos_token, max_seq_len=MAX_LEN)
     server = ThreadedServer(create_app(Service(config, worker, metrics)))
     try:
-        worker.start()
-        deadline = time.monotonic() + 120
-        while worker.state == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        start_worker(worker)
         yield server.url
     finally:
         server.stop()

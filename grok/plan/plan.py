@@ -319,9 +319,11 @@ def spare_prefix_blocks(engine: Engine, block_size: int, memory_fraction: float 
                         ) -> int | None:
     """Prefix-cache blocks of `block_size` tokens that fit in what `memory_fraction` of a
     device leaves after the weights, the decode state and the largest step's temporaries
-    (compiled now if they are not yet); None where the device does not report its memory."""
+    (compiled now if they are not yet); None on CPU (whose memory is the host's, shared
+    with everything else) and where the device does not report its memory."""
     grok, mesh = engine.grok, engine.mesh
-    memory = sizes.device_memory(mesh.devices.flat[0])
+    device = mesh.devices.flat[0]
+    memory = None if device.platform == "cpu" else sizes.device_memory(device)
     if memory is None:
         return None
     weights = sizes.bytes_per_device(grok.params)
