@@ -121,11 +121,17 @@ def test_a_request_cancelled_mid_prefill_frees_its_slot_and_blocks(grok):
         _, scheduler = run(engine, [PROMPTS[0]], GREEDY)  # caches the preamble's blocks
         index = scheduler.prefix_cache.index
         assert index.held == 0 and index.in_use == 6
+        # A request decoding (a 3-token prompt: no full block) keeps prefills to a chunk
+        # a step.
+        keeper = scheduler.submit(engine.make_request(
+            PROMPTS[5][:3], GenerationSettings(max_new_tokens=20, temperature=0)))
+        scheduler.step()
         rid = scheduler.submit(engine.make_request(PROMPTS[2], GREEDY))
         scheduler.step()  # 24 tokens copied in, then the first chunk of the other 13
-        assert scheduler.running == 1 and index.held == 6
+        assert scheduler.running == 2 and index.held == 6
         assert scheduler.cancel(rid)
-        assert scheduler.running == 0 and index.held == 0 and not scheduler.has_work
+        assert scheduler.running == 1 and index.held == 0
+        assert scheduler.cancel(keeper) and not scheduler.has_work
         assert scheduler.step() == []
         # The slot and the blocks serve the next request as if nothing had happened.
         again, _ = run(engine, [PROMPTS[2]], GREEDY, scheduler)

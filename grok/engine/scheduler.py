@@ -236,9 +236,10 @@ class Scheduler:
         return rows
 
     def _prefill(self, events: list[Event]) -> None:
-        """Prefills until about a chunk of prompt tokens is done (everything waiting,
-        without a prefill chunk); finished prompts start decoding with their first token."""
-        budget = self.engine.prefill_chunk
+        """Prefills until about a chunk of prompt tokens is done while requests decode
+        (everything waiting, without a prefill chunk or with no one to delay); finished
+        prompts start decoding with their first token."""
+        budget = self.engine.prefill_chunk if self._active.any() else None
         spent = 0
         while self._prefilling and (budget is None or spent < budget):
             rows = self._next_prefill(None if budget is None else budget - spent)
