@@ -52,12 +52,6 @@ class PrefixCacheSettings:
                 raise GrokError(f"prefix cache {name} must be an integer in [{low}, 2**24], "
                                 f"got {value!r:.40}")
 
-    def bytes(self, config: GrokConfig, dtype_bytes: int) -> int:
-        """The pool's size: keys and values of every layer for `blocks` x `block_size`
-        positions."""
-        return (2 * config.num_layers * self.blocks * self.block_size * config.num_kv_heads
-                * config.key_size * dtype_bytes)
-
 
 class BlockPool(NamedTuple):
     """The cached blocks' keys and values on the devices."""
@@ -166,13 +160,16 @@ class PrefixCache:
         data = mesh.shape[DATA]
         blocks = -(-settings.blocks // data) * data
         self.settings = dataclasses.replace(settings, blocks=blocks)
-        self.block_size = settings.block_size
         self.index = BlockIndex(blocks)
         shapes = prefix_pool_shapes(config, mesh, blocks, settings.block_size)
         self.pool: BlockPool = jax.jit(
             lambda: BlockPool(*(jnp.zeros(a.shape, a.dtype) for a in shapes)),
             out_shardings=BlockPool(*(a.sharding for a in shapes)))()
-        self.nbytes = self.settings.bytes(config, shapes.k.dtype.itemsize)
+        self.nbytes = sum(a.size * a.dtype.itemsize for a in shapes)  # the whole pool
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
 
     def shapes(self) -> BlockPool:
         """The pool as ShapeDtypeStructs with their shardings (for compiling)."""
