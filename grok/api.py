@@ -28,6 +28,7 @@ from grok.quant import (
     store_params,
 )
 from grok.routing import ExpertUsage, Routing, UsageCounter
+from grok.scoring import Score, Scorer, encode_pair, join, rolling_windows
 from grok.tokenizer import Tokenizer
 
 
@@ -128,6 +129,62 @@ class Grok:
     @functools.cached_property
     def _forward(self):
         return jax.jit(lambda params, tokens: self.model.apply(params, tokens)[0])
+
+    def score(self, contexts: Sequence[Prompt], continuations: Sequence[Prompt]
+              ) -> list[Score]:
+        """Per (context, continuation) pair: each continuation token's log-probability
+        given everything before it, their `total`, and whether greedy decoding would have
+        produced the continuation (lm_eval's `loglikelihood`; see `grok.scoring`). Texts
+        need the tokenizer; token-id lists are taken as they are."""
+        if isinstance(contexts, str) or isinstance(continuations, str) \
+                or len(contexts) != len(continuations):
+            raise GrokError("contexts and continuations must be lists of the same length")
+        pairs = []
+        for i, (context, continuation) in enumerate(zip(contexts, continuations,
+                                                        strict=True)):
+            if isinstance(context, str) != isinstance(continuation, str):
+                raise GrokError(f"pair {i}: context and continuation must both be text or "
+                                f"both token ids")
+            if isinstance(context, str):
+                pairs.append(encode_pair(self._need_tokenizer(), context, continuation))
+            else:
+                pairs.append((_ids(context, f"context {i}"),
+                              _ids(continuation, f"continuation {i}")))
+        return self._scorer.score(self.params, pairs)
+
+    def score_rolling(self, texts: Sequence[Prompt], prefix_token: int | None = None
+                      ) -> list[Score]:
+        """Every token of each text scored, in disjoint windows of the model's context,
+        the first window given `prefix_token` (default: the tokenizer's BOS), each later
+        one given the token before it (lm_eval's `loglikelihood_rolling`, for perplexity;
+        see `grok.scoring`)."""
+        if isinstance(texts, str):
+            raise GrokError("texts must be a list of texts or token-id lists")
+        if prefix_token is None:
+            prefix_token = self._need_tokenizer().bos_id
+            if prefix_token < 0:
+                raise GrokError("the tokenizer has no BOS: pass prefix_token")
+        _ids([prefix_token], "prefix_token")
+        ids = [self._need_tokenizer().encode(t) if isinstance(t, str) else _ids(t, f"text {i}")
+               for i, t in enumerate(texts)]
+        if any(not x for x in ids):
+            raise GrokError(f"text {next(i for i, x in enumerate(ids) if not x)} is empty")
+        windows = [rolling_windows(x, prefix_token, self.config.sequence_len) for x in ids]
+        scores = iter(self._scorer.score(self.params, [p for w in windows for p in w]))
+        return [join([next(scores) for _ in w]) for w in windows]
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GrokError("text needs a tokenizer: pass tokenizer_path to Grok.load, or "
+                            "give token-id lists")
+        return self.tokenizer
+
+    @functools.cached_property
+    def _scorer(self) -> Scorer:
+        return Scorer(self.config, lambda params, tokens: self.model.apply(params, tokens)[0],
+                      lambda tokens: sharding.put(tokens, NamedSharding(
+                          self.mesh, sharding.TOKENS_SPEC)),
+                      sharding.fetch, lambda n: sharding.padded_batch(self.mesh, n))
 
     def routing(self, tokens) -> Routing:
         """The experts each token of int tokens [B, T] chose in each layer, most probable
@@ -275,6 +332,15 @@ class GenerationRun:
 
 
 Prompt = str | Sequence[int]
+
+
+def _ids(value, label: str) -> list[int]:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, Sequence) or any(
+            isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in value):
+        raise GrokError(f"{label} must be text or a list of token ids")
+    return [int(t) for t in value]
 
 
 def run_shape(config: GrokConfig, requests: Sequence) -> tuple[int, int]:

@@ -60,6 +60,16 @@ def _mesh(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _logit_bias(text: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS."""
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--logit-bias must be ID=BIAS, e.g. 2=-100, got {text[:40]!r}") from None
+
+
 AUTO = "auto"  # --max-batch: the most slots that fit
 
 
@@ -99,6 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     p.add_argument("--stop", action="append", help="stop string (repeatable; default: none)")
+    p.add_argument("--stop-token-id", type=int, action="append", dest="stop_token_ids",
+                   metavar="ID", help="a token id that ends a row when drawn (repeatable)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="EOS, stop tokens and stop strings count only after this many "
+                        "tokens (default: %(default)s)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted once from each generated token's logit, in [-2, 2] "
+                        "(OpenAI's; default: %(default)s)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per occurrence of a generated token, in [-2, 2] "
+                        "(OpenAI's; default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0: logits of prompt and generated tokens divided by it where "
+                        "positive, multiplied where not (vLLM's; 1 is off)")
+    p.add_argument("--logit-bias", type=_logit_bias, action="append", metavar="ID=BIAS",
+                   help="add BIAS (clamped to [-100, 100]) to token ID's logit (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
     p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
@@ -231,7 +257,12 @@ def _run(args, out, err) -> None:
     check_prefix_cache_flags(args)
     tokenizer = Tokenizer.from_config(args.tokenizer, config)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                    stop_token_ids=args.stop_token_ids, min_tokens=args.min_tokens,
+                    presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty,
+                    repetition_penalty=args.repetition_penalty,
+                    logit_bias=dict(args.logit_bias or ()))
     mesh = sharding.make_mesh(args.mesh)
     sharding.check_mesh(config, mesh)
     if args.expert_plot is not None:

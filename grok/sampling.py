@@ -29,9 +29,52 @@ class SamplingParams(NamedTuple):
     top_k: jax.Array
 
 
+class Controls(NamedTuple):
+    """Per-row steering, as OpenAI's and vLLM's APIs define it: `logit_bias` is added to
+    the logits, then repeated tokens are penalised (vLLM's order), and stop tokens are
+    barred until `min_tokens` are generated. Neutral values (bias 0, penalties 0, 0 and 1)
+    leave a row's logits bit for bit unchanged, so a row without controls draws the same
+    whatever shares its batch."""
+
+    on: jax.Array  # bool[B]: the row sets a bias or penalty (none: the step skips the work)
+    bias: jax.Array  # f32[B, V]: added to the logits, in [-100, 100]
+    seen: jax.Array  # bool[B, V]: tokens of the prompt (for the repetition penalty)
+    presence: jax.Array  # f32[B]: subtracted once from every generated token's logit
+    frequency: jax.Array  # f32[B]: subtracted per occurrence of a generated token
+    repetition: jax.Array  # f32[B]: prompt and generated tokens: positive logits / r, others x r
+    stop_tokens: jax.Array  # bool[B, V]: EOS (unless ignored) and the stop token ids
+    min_tokens: jax.Array  # i32[B]: stop tokens are barred until this many are generated
+
+
+def apply_controls(logits, controls: Controls, counts) -> jax.Array:
+    """logits f32[B, V] after each row's bias and penalties; counts i32[B, V] how often
+    each token was generated so far."""
+    def adjust(logits):
+        c = controls
+        x = logits + c.bias
+        repeated = c.seen | (counts > 0)
+        r = c.repetition[:, None]
+        x = jnp.where(repeated, jnp.where(x > 0, x / r, x * r), x)
+        n = counts.astype(jnp.float32)
+        return (x - c.frequency[:, None] * n
+                - c.presence[:, None] * (counts > 0).astype(jnp.float32))
+    return jax.lax.cond(jnp.any(controls.on), adjust, lambda x: x, logits)
+
+
+def bar_stop_tokens(allowed, controls: Controls, generated) -> jax.Array:
+    """allowed bool[B, V] less each row's stop tokens while it has generated (i32[B])
+    fewer than its min_tokens."""
+    return allowed & ~(controls.stop_tokens & (generated < controls.min_tokens)[:, None])
+
+
+def count_tokens(counts, tokens, add) -> jax.Array:
+    """counts i32[B, V] with each row's token (i32[B]) counted `add` (i32[B]) more."""
+    return counts.at[jnp.arange(counts.shape[0]), tokens].add(add)
+
+
 class Sample(NamedTuple):
     """One step's draw. Log-probabilities are of the raw logits (temperature 1, before any
-    filtering or mask), so they describe the model, not the sampler settings."""
+    control, filter or mask), so they describe the model, not the sampler settings."""
 
     tokens: jax.Array  # i32[B]
     logprobs: jax.Array  # f32[B], of the chosen token
@@ -123,17 +166,21 @@ def _top_k_top_p(scaled, k, top_p):
     return jnp.where(scaled >= threshold, scaled, NEG)
 
 
-def sample(logits, keys, params: SamplingParams, allowed=None) -> Sample:
+def sample(logits, keys, params: SamplingParams, allowed=None,
+           controls: Controls | None = None, counts=None) -> Sample:
     """Draws one token per row: logits f32[B, V]; keys a typed PRNG key array [B], one per
-    row; allowed an optional bool[B, V] mask of tokens that may be drawn at all."""
+    row; allowed an optional bool[B, V] mask of tokens that may be drawn at all; controls
+    the rows' bias and penalties over counts i32[B, V] of their generated tokens (greedy
+    rows take the argmax after them, as vLLM's)."""
     _check_shapes(logits, keys, params, allowed)
     logits = logits.astype(jnp.float32)
+    steered = logits if controls is None else apply_controls(logits, controls, counts)
     greedy = jnp.asarray(params.temperature) == 0
     drawn = jax.lax.cond(  # an all-greedy batch draws nothing
         jnp.all(greedy), lambda: jnp.zeros(logits.shape[:1], jnp.int32),
         lambda: jax.vmap(jax.random.categorical)(
-            keys, filter_logits(logits, params, allowed)).astype(jnp.int32))
-    masked = logits if allowed is None else jnp.where(allowed, logits, NEG)
+            keys, filter_logits(steered, params, allowed)).astype(jnp.int32))
+    masked = steered if allowed is None else jnp.where(allowed, steered, NEG)
     tokens = jnp.where(greedy, jnp.argmax(masked, axis=-1), drawn).astype(jnp.int32)
 
     logprobs = jax.nn.log_softmax(logits, axis=-1)

@@ -146,6 +146,13 @@ SETTINGS = [
      "prompt 0 has 5 tokens; with max_new_tokens=300 it needs 305 positions, more than "
      "sequence_len=256"),
     (["--prompt", "The universe"], "prompt 0: token id 9072 is outside [0, vocab_size=4096)"),
+    (["--presence-penalty", "2.5"], "presence_penalty must be a number in [-2, 2], got 2.5"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a number > 0, got 0.0"),
+    (["--logit-bias", "5"], "--logit-bias must be ID=BIAS, e.g. 2=-100, got '5'"),
+    (["--logit-bias", "5000=1", "--prompt", "The answer to life the"],
+     "logit_bias: token id 5000 is out of range [0, vocab_size=4096)"),
+    (["--min-tokens", "200"], "min_tokens must be an integer in [0, max_new_tokens=100]"),
+    (["--stop-token-id", "-4"], "stop_token_ids must be a list of token ids"),
 ]
 
 

@@ -394,7 +394,8 @@ BAD_INPUT = [
     (P0, {"top_k": -1}, r"top_k must be an integer in \[0, .*got -1"),
     ([1, 4096], {}, r"token id 4096 is outside \[0, vocab_size=4096\)"),
     ([-1, 5], {}, r"token id -1 is outside \[0, vocab_size=4096\)"),
-    (P0, {"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
+    (P0, {"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1 \(0 only with "
+                                r"prompt_logprobs\), got 0"),
 ]
 
 

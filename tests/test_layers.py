@@ -126,7 +126,7 @@ def test_decode_step_updates_the_stacked_cache_in_place(fixture_dir):
         engine = grok.engine(max_batch=slots, max_seq_len=256)
         state = engine.init_state()
         request = engine.make_request([5, 6, 7], GenerationSettings(max_new_tokens=2))
-        state, _ = engine.prefill([PrefillRow(request, 0, 0, 3)], state)
+        state, _, _ = engine.prefill([PrefillRow(request, 0, 0, 3)], state)
         active = engine.put_active(np.arange(engine.slots) == 0)
         state, _ = engine.generate(state, active, rows=engine.rows_for(1), filled=4)
         cache_bytes = state.cache.k.nbytes + state.cache.v.nbytes

@@ -7,11 +7,13 @@ tests, against the same request sent alone.
 """
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -63,6 +65,24 @@ def start_worker(worker: Worker, timeout: float = 120) -> None:
     while worker.state == "loading":
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def running_server(grok, engine: Callable, name: str, max_seq_len: int, slots: int,
+                   queue: int = 16) -> Iterator[str]:
+    """A server of `grok` on the engine `engine()` builds, with its device thread started;
+    yields its URL."""
+    metrics = Metrics(slots)
+    worker = Worker(engine, admission=Admission(slots + queue), metrics=metrics)
+    config = ServerConfig(model_name=name, tokenizer=grok.tokenizer,
+                          eos_id=grok.config.eos_token, max_seq_len=max_seq_len)
+    server = ThreadedServer(create_app(Service(config, worker, metrics)))
+    try:
+        start_worker(worker)
+        yield server.url
+    finally:
+        server.stop()
+        worker.stop(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -296,9 +316,9 @@ BAD = [
     ("wrong type", {"json": {"model": MODEL, "prompt": "1+1=", "max_tokens": "8"}}, 400,
      "max_tokens"),
     ("out of range", {"json": {"model": MODEL, "prompt": "1+1=", "temperature": -1}}, 400,
-     None),
+     "temperature"),
     ("top_p out of range", {"json": {"model": MODEL, "prompt": "1+1=", "top_p": 2}}, 400,
-     None),
+     "top_p"),
     ("logprobs too many", {"json": {"model": MODEL, "prompt": "1+1=", "logprobs": 9}}, 400,
      "logprobs"),
     ("prompt too long", {"json": {"model": MODEL, "prompt": "123+456=", "max_tokens": 9}},
@@ -306,7 +326,8 @@ BAD = [
     ("token id outside vocab", {"json": {"model": MODEL, "prompt": [5, 99]}}, 400, "prompt"),
     ("negative token id", {"json": {"model": MODEL, "prompt": [[5], [-1]]}}, 400, "prompt"),
     ("empty prompt", {"json": {"model": MODEL, "prompt": ""}}, 400, "prompt"),
-    ("echo", {"json": {"model": MODEL, "prompt": "1+1=", "echo": True}}, 400, "echo"),
+    ("beam search", {"json": {"model": MODEL, "prompt": "1+1=", "use_beam_search": True}},
+     400, "use_beam_search"),
     ("best_of", {"json": {"model": MODEL, "prompt": "1+1=", "best_of": 3}}, 400, "best_of"),
     ("more choices than the server holds",
      {"json": {"model": MODEL, "prompt": "1+1=", "n": MAX_BATCH + MAX_QUEUE + 1}}, 400, "n"),

@@ -18,13 +18,10 @@ import httpx
 import openai
 from conftest import TOKENIZER
 from test_prefix_cache import PREAMBLE, PROMPTS
-from test_serve import ThreadedServer, start_worker
+from test_serve import running_server
 
 from grok import Grok
 from grok.engine.prefix_cache import PrefixCacheSettings
-from grok.serve.app import ServerConfig, Service, create_app
-from grok.serve.metrics import Metrics
-from grok.serve.worker import Admission, Worker
 
 MODEL = "tiny"
 SLOTS, MAX_LEN, BLOCK, CHUNK = 4, 64, 4, 8
@@ -50,18 +47,11 @@ def expected(grok):
 @pytest.fixture(scope="module")
 def url(grok, expected):
     grok.enable_prefix_cache(PrefixCacheSettings(64, BLOCK))
-    metrics = Metrics(SLOTS)
-    worker = Worker(lambda: grok.engine(SLOTS, MAX_LEN, prefill_chunk=CHUNK),
-                    admission=Admission(SLOTS + 16), metrics=metrics)
-    config = ServerConfig(model_name=MODEL, tokenizer=grok.tokenizer,
-                          eos_id=grok.config.eos_token, max_seq_len=MAX_LEN)
-    server = ThreadedServer(create_app(Service(config, worker, metrics)))
     try:
-        start_worker(worker)
-        yield server.url
+        with running_server(grok, lambda: grok.engine(SLOTS, MAX_LEN, prefill_chunk=CHUNK),
+                            MODEL, MAX_LEN, SLOTS) as url:
+            yield url
     finally:
-        server.stop()
-        worker.stop(timeout=30)
         grok.enable_prefix_cache(None)
 
 

@@ -70,7 +70,9 @@ def test_without_a_seed_each_choice_draws_its_own():
     ({"prompt": [True]}, "prompt", "prompt must be"),
     ({"prompt": 5}, "prompt", "prompt must be"),
     ({"model": 3}, "model", "model is required"),
-    ({"max_tokens": 0}, "max_tokens", r"max_tokens must be >= 1, got 0"),
+    ({"max_tokens": 0}, "max_tokens", r"max_tokens must be >= 1 \(0 only with echo or "
+                                      r"prompt_logprobs\), got 0"),
+    ({"max_tokens": -1}, "max_tokens", r"max_tokens must be >= 0, got -1"),
     ({"max_tokens": "8"}, "max_tokens", "max_tokens must be an integer"),
     ({"max_tokens": 8.0}, "max_tokens", "max_tokens must be an integer"),
     ({"temperature": "hot"}, "temperature", "temperature must be a number"),
@@ -86,12 +88,19 @@ def test_without_a_seed_each_choice_draws_its_own():
     ({"ignore_eos": 1}, "ignore_eos", "ignore_eos must be true or false"),
     ({"user": 5}, "user", "user must be a string"),
     ({"seed": 1.5}, "seed", "seed must be an integer"),
-    ({"echo": True}, "echo", r"does not support echo \(only echo: false\)"),
+    ({"echo": 1}, "echo", "echo must be true or false"),
+    ({"use_beam_search": True}, "use_beam_search",
+     r"does not support use_beam_search \(only use_beam_search: false\)"),
     ({"suffix": "x"}, "suffix", "does not support suffix"),
     ({"best_of": 2}, "best_of", "does not support best_of"),
-    ({"presence_penalty": 0.5, "logit_bias": {"5": 1}}, "presence_penalty",
-     "does not support presence_penalty, logit_bias"),
-    ({"repetition_penalty": 1.1}, "repetition_penalty", "does not support"),
+    ({"presence_penalty": "0.5"}, "presence_penalty", "presence_penalty must be a number"),
+    ({"logit_bias": [[5, 1]]}, "logit_bias", "logit_bias must be an object"),
+    ({"logit_bias": {"five": 1}}, "logit_bias", r"keys must be token ids \(strings of"),
+    ({"logit_bias": {"-5": 1}}, "logit_bias", "keys must be token ids"),
+    ({"logit_bias": {"5": None}}, "logit_bias", r"logit_bias\[5\] must be a number"),
+    ({"min_tokens": -1}, "min_tokens", "min_tokens must be >= 0"),
+    ({"stop_token_ids": [2, "3"]}, "stop_token_ids", "stop_token_ids must be a list"),
+    ({"stop_token_ids": 2}, "stop_token_ids", "stop_token_ids must be a list"),
 ])
 def test_bad_fields_name_themselves(fields, param, message):
     with pytest.raises(ApiError, match=message) as e:
@@ -105,11 +114,35 @@ def test_bad_fields_name_themselves(fields, param, message):
     ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
     ({"top_k": -2}, "top_k must be >= -1"),
     ({"seed": 2**63}, r"seed must be in \[-9223372036854775808, 9223372036854775807\]"),
+    ({"presence_penalty": 2.5}, r"presence_penalty must be a number in \[-2, 2\]"),
+    ({"frequency_penalty": -3}, r"frequency_penalty must be a number in \[-2, 2\]"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be a number > 0"),
+    ({"min_tokens": 20, "max_tokens": 10}, r"min_tokens must be an integer in \[0, "
+                                            r"max_new_tokens=10\]"),
 ])
 def test_the_engines_own_range_checks_are_400s(fields, message):
     with pytest.raises(ApiError, match=message) as e:
         completion(**fields)
     assert e.value.status == 400
+    assert e.value.param == next(iter(fields))
+
+
+def test_chat_takes_the_steering_fields_too():
+    s = chat(logit_bias={"4": -100}, repetition_penalty=1.1, min_tokens=1,
+             stop_token_ids=[2]).sampling.settings(0)
+    assert s.logit_bias == ((4, -100.0),) and s.repetition_penalty == 1.1
+    assert s.min_tokens == 1 and s.stop_token_ids == (2,)
+    with pytest.raises(ApiError, match="does not support echo"):
+        chat(echo=True)
+
+
+def test_steering_fields_reach_the_settings():
+    s = completion(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                   logit_bias={"7": 150, "3": -1.5}, min_tokens=2, stop_token_ids=[9],
+                   max_tokens=4).sampling.settings(0)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1, 1.2)
+    assert s.logit_bias == ((3, -1.5), (7, 100.0))  # clamped to [-100, 100]
+    assert s.min_tokens == 2 and s.stop_token_ids == (9,)
 
 
 def test_no_op_values_that_benchmark_tools_send_are_accepted():
@@ -200,7 +233,10 @@ def test_server_sent_events():
 def test_plans_survive_their_encoding():
     settings = GenerationSettings(max_new_tokens=3, temperature=0.5, top_p=0.9, top_k=2,
                                   seed=-5, stop=("a", "é"), ignore_eos=True,
-                                  allowed_tokens=(1, 2))
+                                  allowed_tokens=(1, 2), presence_penalty=0.5,
+                                  frequency_penalty=-1.0, repetition_penalty=1.2,
+                                  logit_bias={7: -3.5, 2: 100}, min_tokens=2,
+                                  stop_token_ids=(9, 4), prompt_logprobs=True)
     plan = StepPlan((NewRequest(3, (5, 6), settings), NewRequest(4, (7,),
                                                                  GenerationSettings())),
                     cancels=(1, 2), stop=True)

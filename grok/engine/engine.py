@@ -40,7 +40,15 @@ from grok.errors import GrokError
 from grok.kv_cache import KVCache, init_cache
 from grok.quant import storage_dtype
 from grok.routing import Tally, tally
-from grok.sampling import Sample, SamplingParams, sample
+from grok.sampling import (
+    TOP_ALTERNATIVES,
+    Controls,
+    Sample,
+    SamplingParams,
+    bar_stop_tokens,
+    count_tokens,
+    sample,
+)
 from grok.sharding import DATA, LAYERS_KV_SPEC
 
 MIN_BUCKET = 16  # smallest prompt-length and attention bucket on CPU
@@ -50,11 +58,14 @@ ROWS = P(DATA)  # [B]: one value per row, rows split over `data`
 ROWS_BY_VOCAB = P(DATA, None)  # [B, V]
 ROWS_BY_SLOT = P(DATA, None)  # [B, S]
 REPLICATED = P()  # a step's draw: every process reads it
+CONTROL_SPECS = Controls(ROWS, ROWS_BY_VOCAB, ROWS_BY_VOCAB, ROWS, ROWS, ROWS, ROWS_BY_VOCAB,
+                         ROWS)
 # Layouts of a prefill's inputs after the parameters and the state, in
 # `Engine._prefill_inputs` order: target slots, starts, tokens, lengths, seeds, sampling,
-# allowed.
+# allowed, controls, and each position's next prompt token where the prompt is scored.
 PREFILL_INPUT_SPECS = (REPLICATED, ROWS, ROWS_BY_SLOT, ROWS, ROWS,
-                       SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB)
+                       SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB, CONTROL_SPECS,
+                       ROWS_BY_SLOT)
 
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
@@ -105,12 +116,14 @@ class DecodeState(NamedTuple):
     seeds: jax.Array  # u32[B]
     sampling: SamplingParams  # [B] each
     allowed: jax.Array  # bool[B, V]: tokens the slot's request may draw
+    controls: Controls  # [B] and [B, V]: the request's bias, penalties and min_tokens
+    counts: jax.Array  # i32[B, V]: how often the slot's request drew each token
 
 
 CACHE_SPECS = KVCache(LAYERS_KV_SPEC, LAYERS_KV_SPEC, ROWS, ROWS_BY_SLOT)
 # The layout of every decode-state array: rows over `data`, heads over `model`.
 STATE_SPECS = DecodeState(CACHE_SPECS, ROWS, ROWS, ROWS, SamplingParams(ROWS, ROWS, ROWS),
-                          ROWS_BY_VOCAB)
+                          ROWS_BY_VOCAB, CONTROL_SPECS, ROWS_BY_VOCAB)
 
 
 def init_state_fn(config: GrokConfig, slots: int, max_len: int, cache_dtype):
@@ -121,8 +134,37 @@ def init_state_fn(config: GrokConfig, slots: int, max_len: int, cache_dtype):
                            jnp.zeros((slots,), jnp.uint32),
                            SamplingParams(jnp.zeros((slots,), jnp.float32),
                                           jnp.ones((slots,), jnp.float32), zeros),
-                           jnp.ones((slots, config.vocab_size), bool))
+                           jnp.ones((slots, config.vocab_size), bool),
+                           neutral_controls(slots, config.vocab_size, jnp),
+                           jnp.zeros((slots, config.vocab_size), jnp.int32))
     return init
+
+
+def neutral_controls(rows: int, vocab: int, xp=np) -> Controls:
+    """`rows` rows that steer nothing (no bias, no penalty, no min_tokens), as NumPy
+    arrays (for a prefill's inputs) or, with xp=jnp, traced ones."""
+    return Controls(xp.zeros(rows, bool), xp.zeros((rows, vocab), np.float32),
+                    xp.zeros((rows, vocab), bool), xp.zeros(rows, np.float32),
+                    xp.zeros(rows, np.float32), xp.ones(rows, np.float32),
+                    xp.zeros((rows, vocab), bool), xp.zeros(rows, np.int32))
+
+
+def fill_controls(controls: Controls, i: int, request: Request, eos_token: int) -> None:
+    """Row i of host `controls` from the request's settings."""
+    s = request.settings
+    controls.on[i] = s.steered
+    controls.bias[i] = 0.0
+    for token, bias in s.logit_bias:
+        controls.bias[i, token] = bias
+    controls.seen[i] = False
+    if s.repetition_penalty != 1:
+        controls.seen[i, list(request.prompt_ids)] = True
+    controls.presence[i], controls.frequency[i], controls.repetition[i] = \
+        s.presence_penalty, s.frequency_penalty, s.repetition_penalty
+    controls.stop_tokens[i] = False
+    controls.stop_tokens[i, list(s.stop_token_ids)] = True
+    controls.stop_tokens[i, eos_token] = not s.ignore_eos
+    controls.min_tokens[i] = s.min_tokens
 
 
 def state_shapes(config: GrokConfig, mesh, slots: int, max_len: int) -> DecodeState:
@@ -134,6 +176,18 @@ def state_shapes(config: GrokConfig, mesh, slots: int, max_len: int) -> DecodeSt
     return jax.tree.map(
         lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
         shapes, STATE_SPECS, is_leaf=lambda x: isinstance(x, P))
+
+
+class PromptScores(NamedTuple):
+    """What a prefill reports of each position t of each row's part, for rows that score
+    their prompt (zeros elsewhere): the log-probability of the prompt token after it
+    (token start + t + 1; 0 where there is none), that token's rank (1: the most likely)
+    and the 8 most likely tokens there, of the raw temperature-1 logits."""
+
+    logprobs: np.ndarray  # f32[B, T]
+    ranks: np.ndarray  # i32[B, T]
+    top_ids: np.ndarray  # i32[B, T, 8]
+    top_logprobs: np.ndarray  # f32[B, T, 8]
 
 
 class PrefillRow(NamedTuple):
@@ -288,11 +342,12 @@ class Engine:
         return self._init_step()()
 
     def prefill(self, rows: Sequence[PrefillRow], state: DecodeState
-                ) -> tuple[DecodeState, Sample]:
+                ) -> tuple[DecodeState, Sample, PromptScores | None]:
         """Runs each row's prompt part through the model in one batch, straight into its
         slot of the state (donated: updated in place), and draws the token after it (the
-        request's first, for a `final` row; meaningless otherwise). Returns the new state
-        and the draws on the host."""
+        request's first, for a `final` row; meaningless otherwise). Returns the new state,
+        the draws on the host, and `PromptScores` where some row's request asks for its
+        prompt's log-probabilities (computed only then)."""
         n = len(rows)
         key = self.prefill_key(rows)
         batch, length = key[1:3]
@@ -305,7 +360,7 @@ class Engine:
             raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
                              "slots")
         arrays = self._prefill_inputs(batch, length)
-        index, starts, tokens, lengths, seeds, sampling, allowed = arrays
+        index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets = arrays
         index[:n] = slots  # the padding rows' slot is out of range: their writes are dropped
         for i, r in enumerate(rows):
             s = r.request.settings
@@ -316,11 +371,16 @@ class Engine:
             sampling.temperature[i], sampling.top_p[i], sampling.top_k[i] = \
                 s.temperature, s.top_p, s.top_k
             allowed[i] = allowed_mask(self.config, s, self.grok.tokenizer)
+            fill_controls(controls, i, r.request, self.config.eos_token)
+            if s.prompt_logprobs:  # each position's next prompt token
+                ahead = r.request.prompt_ids[r.start + 1:r.stop + 1]
+                targets[i, :len(ahead)] = ahead
         args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
-        state, first, tally = self._prefill_step(key, args)(*args)
-        first, tally = jax.device_get((first, tally))
+        state, first, tally, scores = self._prefill_step(key, args)(*args)
+        scored = any(r.request.settings.prompt_logprobs for r in rows)
+        first, tally, scores = jax.device_get((first, tally, scores if scored else None))
         self._count("prefill", tally)
-        return state, first
+        return state, first, scores
 
     def load_blocks(self, state: DecodeState, cache: PrefixCache, slot: int,
                     blocks: Sequence[int], prompt_ids: Sequence[int]) -> DecodeState:
@@ -461,13 +521,16 @@ class Engine:
     def _prefill_inputs(self, batch: int, length: int) -> tuple:
         """Host inputs of a prefill of `batch` rows, each a padding row until filled in:
         target slots [B] (out of range: dropped), starts [B], tokens [B, T], lengths [B],
-        seeds [B], SamplingParams [B], allowed [B, V]."""
+        seeds [B], SamplingParams [B], allowed [B, V], Controls [B] and [B, V], and each
+        position's next prompt token [B, T] (-1: none, or the prompt is not scored)."""
         return (np.full(batch, self.slots, np.int32), np.zeros(batch, np.int32),
                 np.full((batch, length), self.config.pad_token, np.int32),
                 np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
                 SamplingParams(np.zeros(batch, np.float32), np.ones(batch, np.float32),
                                np.zeros(batch, np.int32)),
-                np.ones((batch, self.config.vocab_size), bool))
+                np.ones((batch, self.config.vocab_size), bool),
+                neutral_controls(batch, self.config.vocab_size),
+                np.full((batch, length), -1, np.int32))
 
     def _init_step(self):
         return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
@@ -501,9 +564,11 @@ class Engine:
         grok = self.grok
 
         def prefill(params, state: DecodeState, slots, starts, tokens, lengths, seeds,
-                    sampling, allowed):
+                    sampling, allowed, controls, targets):
             """Rows [Bp] continue their slots `slots` (out of range: padding) from
-            `starts`; what a slot held past its start (an earlier request's) is forgotten."""
+            `starts`; what a slot held past its start (an earlier request's) is forgotten.
+            Where a row scores its prompt, `targets` [Bp, T] holds each position's next
+            prompt token; with none, the step skips scoring."""
             cache = state.cache
             kept = (cache.key_valid.at[slots].get(mode="fill", fill_value=False)
                     & (jnp.arange(cache.max_len)[None, :] < starts[:, None]))  # [Bp, S]
@@ -514,8 +579,10 @@ class Engine:
                                                       rows=slots)
             last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
             last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
-            first = sample(last.astype(jnp.float32), _keys(seeds, jnp.zeros_like(lengths)),
-                           sampling, allowed)
+            none = jnp.zeros_like(lengths)  # tokens generated before the first
+            counts = jnp.zeros(allowed.shape, jnp.int32)
+            first = sample(last.astype(jnp.float32), _keys(seeds, none), sampling,
+                           bar_stop_tokens(allowed, controls, none), controls, counts)
 
             def put(full, rows):  # per-slot values [B, ...] <- [Bp, ...]
                 return full.at[slots].set(rows, mode="drop")
@@ -525,9 +592,11 @@ class Engine:
                 put(state.steps, jnp.zeros_like(lengths)), put(state.seeds, seeds),
                 SamplingParams(*(put(a, b) for a, b in zip(state.sampling, sampling,
                                                            strict=True))),
-                put(state.allowed, allowed))
+                put(state.allowed, allowed),
+                Controls(*(put(a, b) for a, b in zip(state.controls, controls, strict=True))),
+                put(state.counts, count_tokens(counts, first.tokens, jnp.ones_like(lengths))))
             real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [Bp, T]
-            return state, first, self._tally(routing, real)
+            return state, first, self._tally(routing, real), score_positions(logits, targets)
         return prefill
 
     def _tally(self, routing, real) -> Tally | None:
@@ -548,11 +617,18 @@ class Engine:
                 params, state.tokens[:rows, None], state.cache, num_new=on.astype(jnp.int32),
                 attend_len=attend, with_routing=True)
             sampling = SamplingParams(*(x[:rows] for x in state.sampling))
+            controls = Controls(*(x[:rows] for x in state.controls))
+            counts = state.counts[:rows]
+            # `steps`: the tokens each row generated before this draw.
+            allowed = bar_stop_tokens(state.allowed[:rows], controls, steps)
             drawn = sample(logits[:, 0].astype(jnp.float32),
-                           _keys(state.seeds[:rows], steps), sampling, state.allowed[:rows])
+                           _keys(state.seeds[:rows], steps), sampling, allowed, controls,
+                           counts)
+            counts = count_tokens(counts, drawn.tokens, on.astype(jnp.int32))
             state = state._replace(cache=cache,
                                    tokens=state.tokens.at[:rows].set(drawn.tokens),
-                                   steps=state.steps.at[:rows].set(steps))
+                                   steps=state.steps.at[:rows].set(steps),
+                                   counts=state.counts.at[:rows].set(counts))
             return state, drawn, self._tally(routing, on[:, None])
         return decode
 
@@ -577,9 +653,10 @@ class Engine:
         replicated = NamedSharding(self.mesh, REPLICATED)
         tally_out = Tally(*(replicated,) * 4) if self.grok.expert_stats else None
         sample_out = Sample(*(replicated,) * 4)
+        scores_out = PromptScores(*(replicated,) * 4)
         return {"init": self._state_shardings,
-                "prefill": (self._state_shardings, sample_out, tally_out),
-                "extend": (self._state_shardings, sample_out, tally_out),
+                "prefill": (self._state_shardings, sample_out, tally_out, scores_out),
+                "extend": (self._state_shardings, sample_out, tally_out, scores_out),
                 "decode": (self._state_shardings, sample_out, tally_out),
                 "load_blocks": self._state_shardings,
                 "save_blocks": self._shardings(POOL_SPECS)}[kind]
@@ -602,6 +679,37 @@ class Engine:
                 self.log(f"{'loaded' if cached else 'compiled'} {what} in {took:.1f} s"
                          f"{' (from the compilation cache)' if cached else ''}")
         return self._compiled[key]
+
+
+def score_positions(logits, targets) -> PromptScores:
+    """Per position of logits [B, T, V]: the log-probability of `targets` [B, T] (0 where
+    -1), its rank and the most likely tokens, of the float32 log-softmax; all zeros, and
+    nothing computed, where no position has a target."""
+    batch, length, vocab = logits.shape
+    top = min(TOP_ALTERNATIVES, vocab)
+
+    def score(logits, targets):
+        # Reductions over the logits as they are, so that no float32 copy of all of them
+        # is made (512 MiB for 1024 positions of Grok-1's vocabulary); a token's number
+        # and the best alternatives' are then the same arithmetic, so the argmax's are
+        # equal (lm_eval's greedy test compares them).
+        normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, T]
+        chosen = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None],
+                                     axis=-1)  # [B, T, 1]
+        rank = 1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32)
+        top_logits, top_ids = jax.lax.top_k(logits, top)
+        logprob = chosen[..., 0].astype(jnp.float32) - normalizer
+        return PromptScores(jnp.where(targets >= 0, logprob, 0.0), rank,
+                            top_ids.astype(jnp.int32),
+                            top_logits.astype(jnp.float32) - normalizer[..., None])
+
+    def nothing(logits, targets):
+        return PromptScores(jnp.zeros((batch, length), jnp.float32),
+                            jnp.zeros((batch, length), jnp.int32),
+                            jnp.zeros((batch, length, top), jnp.int32),
+                            jnp.zeros((batch, length, top), jnp.float32))
+
+    return jax.lax.cond(jnp.any(targets >= 0), score, nothing, logits, targets)
 
 
 def _row_of_blocks(blocks: jax.Array) -> jax.Array:  # [L, M, K, b, C] -> [L, K, M * b, C]

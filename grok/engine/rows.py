@@ -6,7 +6,7 @@ by feeding tokens by hand.
 
 from __future__ import annotations
 
-from grok.engine.request import Completion, Request
+from grok.engine.request import Completion, PromptLogprobs, Request
 from grok.tokenizer import StreamDecoder
 
 
@@ -30,6 +30,10 @@ class Row:
         self.text = ""
         self.emitted = 0  # text[:emitted] has been handed out
         self.finish_reason: str | None = None
+        n = len(request.prompt_ids)
+        self.prompt_scores = PromptLogprobs(list(request.prompt_ids), [None] * n, [None] * n,
+                                            [[] for _ in range(n)]) \
+            if request.settings.prompt_logprobs else None
 
     @property
     def finished(self) -> bool:
@@ -40,6 +44,20 @@ class Row:
         """Cache slots the request holds once its last token is fed back."""
         return len(self.request.prompt_ids) + len(self.output_ids)
 
+    def score_prompt(self, start: int, logprobs, ranks, top_ids, top_logprobs) -> None:
+        """Records a prefilled part's scores: position t (prompt token start + t) gives
+        those of prompt token start + t + 1, as far as the prompt goes."""
+        s, n = self.prompt_scores, len(self.request.prompt_ids)
+        for t in range(min(len(logprobs), n - 1 - start)):
+            s.logprobs[start + t + 1] = float(logprobs[t])
+            s.ranks[start + t + 1] = int(ranks[t])
+            s.top_alternatives[start + t + 1] = [
+                (int(i), float(lp)) for i, lp in zip(top_ids[t], top_logprobs[t], strict=True)]
+
+    def finish_prompt_only(self) -> None:
+        """Ends a request of max_new_tokens 0 once its prompt is prefilled."""
+        self.finish_reason = "length"
+
     def accept(self, token: int, logprob: float, top: list[tuple[int, float]]) -> str:
         """Records one drawn token; returns the text it made final ('' while held)."""
         settings = self.request.settings
@@ -48,17 +66,21 @@ class Row:
         self.logprobs.append(logprob)
         self.alternatives.append(top)
         eos = token == self.eos_token and not settings.ignore_eos
-        done = eos or len(self.output_ids) >= settings.max_new_tokens
+        # Its text is left out, as EOS's (and vLLM's for stop tokens).
+        stop_token = token in settings.stop_token_ids
+        done = eos or stop_token or len(self.output_ids) >= settings.max_new_tokens
         if self.decoder is not None:
-            self.text += "" if eos else self.decoder.push(token)
+            self.text += "" if eos or stop_token else self.decoder.push(token)
             self.text += self.decoder.flush() if done else ""
-        cuts = [at for s in stops if (at := self.text.find(s, self.emitted)) >= 0]
+        # Stop strings count from min_tokens on (the device bars EOS and stop tokens before).
+        cuts = [at for s in stops if (at := self.text.find(s, self.emitted)) >= 0] \
+            if len(self.output_ids) >= settings.min_tokens else []
         if cuts:
             self.text = self.text[: min(cuts)]
             self.finish_reason = "stop"
             done = True
         elif done:
-            self.finish_reason = "eos" if eos else "length"
+            self.finish_reason = "eos" if eos else "stop" if stop_token else "length"
         end = len(self.text) if done else len(self.text) - stop_prefix_len(self.text, stops)
         piece, self.emitted = self.text[self.emitted:end], end
         return piece
@@ -67,7 +89,8 @@ class Row:
         return Completion(self.request.prompt, list(self.request.prompt_ids),
                           list(self.output_ids), list(self.logprobs),
                           [list(a) for a in self.alternatives], self.text,
-                          self.finish_reason or "length", self.cached_tokens)
+                          self.finish_reason or "length", self.cached_tokens,
+                          self.prompt_scores)
 
 
 def stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:

@@ -165,7 +165,17 @@ class Scheduler:
         if held.row.finished:
             completion = held.row.completion()
             self._free(slot)
-        return Event(held.rid, int(token), float(logprob), tuple(top), text, completion)
+        first = len(held.row.output_ids) == 1
+        return Event(held.rid, int(token), float(logprob), tuple(top), text, completion,
+                     held.row.prompt_scores if first else None)
+
+    def _end_prompt_only(self, slot: int) -> Event:
+        """The one event of a request of max_new_tokens 0, once its prompt is in."""
+        held = self._slots[slot]
+        held.row.finish_prompt_only()
+        completion = held.row.completion()
+        self._free(slot)
+        return Event(held.rid, None, None, (), "", completion, held.row.prompt_scores)
 
     def _admit(self) -> None:
         """Waiting requests into free slots, in order, with their cached blocks copied in;
@@ -183,12 +193,13 @@ class Scheduler:
             n = len(request.prompt_ids)
             keys = block_keys(request.prompt_ids, block) if usable else []
             # At most the blocks before the last token: it is always computed, for its
-            # logits.
-            matched = cache.index.match(keys[:(n - 1) // block]) if usable else []
+            # logits. A request scoring its prompt computes every token.
+            reads = usable and not request.settings.prompt_logprobs
+            matched = cache.index.match(keys[:(n - 1) // block]) if reads else []
             if self.engine.deterministic:  # prefills start at multiples of the chunk
                 while len(matched) * block % self.engine.prefill_chunk:
                     matched.pop()
-            if len(matched) < (n - 1) // max(block, 1) and usable \
+            if len(matched) < (n - 1) // max(block, 1) and reads \
                     and keys[len(matched)] in coming:
                 deferred.append((rid, request))
                 continue
@@ -244,21 +255,28 @@ class Scheduler:
         while self._prefilling and (budget is None or spent < budget):
             rows = self._next_prefill(None if budget is None else budget - spent)
             start = self._clock()
-            self._state, first = self.engine.prefill(rows, self._state)
+            self._state, first, scores = self.engine.prefill(rows, self._state)
             computed = sum(r.stop - r.start for r in rows)
             spent += computed
             self.stats = dataclasses.replace(
                 self.stats, prefill_s=self.stats.prefill_s + self._clock() - start,
                 prefill_tokens=self.stats.prefill_tokens + computed)
             for i, r in enumerate(rows):
-                self._slots[r.slot].prefilled = r.stop
-                if r.final:
-                    self._prefilling.remove(r.slot)
-                    self._save_blocks(r.slot)
-                    self._active[r.slot] = True
-                    self._active_on_device = None
-                    events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
-                                               first.top_ids[i], first.top_logprobs[i]))
+                held = self._slots[r.slot]
+                held.prefilled = r.stop
+                if held.row.prompt_scores is not None:
+                    held.row.score_prompt(r.start, *(x[i] for x in scores))
+                if not r.final:
+                    continue
+                self._prefilling.remove(r.slot)
+                self._save_blocks(r.slot)
+                if r.request.settings.max_new_tokens == 0:
+                    events.append(self._end_prompt_only(r.slot))
+                    continue
+                self._active[r.slot] = True
+                self._active_on_device = None
+                events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
+                                           first.top_ids[i], first.top_logprobs[i]))
 
     def _save_blocks(self, slot: int) -> None:
         """A prefilled prompt's full blocks that the pool lacks go into it (as many as

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from grok.engine.request import Completion, Event
+from grok.engine.request import Completion, Event, PromptLogprobs
 from grok.engine.request import Request as EngineRequest
 from grok.errors import GrokError
 from grok.serve import protocol
@@ -138,7 +138,7 @@ def create_app(service: Service) -> FastAPI:
         check_model(params.sampling.model)
         prompts = [list(p) if isinstance(p, tuple) else p for p in params.prompts]
         return await _run(service, request, prompts, params.sampling, _CompletionFormat(
-            service, params.logprobs))
+            service, params.logprobs, params.echo, params.prompt_logprobs))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -320,27 +320,64 @@ class _Format:
 class _CompletionFormat(_Format):
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
+    def __init__(self, service: Service, top: int | None, echo: bool = False,
+                 prompt_top: int | None = None):
+        """`echo`: the prompt's text (and with `top`, its tokens' logprobs, the first
+        null) come first; `prompt_top`: vLLM's `prompt_logprobs` field, with that many
+        alternatives."""
+        super().__init__(service, top)
+        self.echo, self.prompt_top = echo, prompt_top
+
+    def _prompt(self, scores: PromptLogprobs | None) -> tuple[str, dict | None]:
+        """An echoed prompt's text and logprob entries ('' and None without echo)."""
+        if not self.echo:
+            return "", None
+        text = self.service.texts.tokenizer.decode(scores.tokens)
+        entries = None
+        if self.top is not None:
+            entries = protocol.CompletionLogprobs(self.service.texts, self.top).entries(
+                scores.tokens, scores.logprobs, scores.top_alternatives, last=True)
+        return text, entries
+
+    def _extras(self, choice: dict, scores: PromptLogprobs | None) -> dict:
+        if self.prompt_top is not None and scores is not None:
+            choice["prompt_logprobs"] = protocol.vllm_prompt_logprobs(
+                self.service.texts, scores, self.prompt_top)
+        return choice
+
     def choice(self, index: int, c: Completion) -> dict:
+        echoed, head = self._prompt(c.prompt_logprobs)
         logprobs = None
         if self.top is not None:
-            logprobs = protocol.CompletionLogprobs(self.service.texts, self.top).entries(
+            logprobs = protocol.CompletionLogprobs(
+                self.service.texts, self.top, offset=len(echoed)).entries(
                 c.output_ids, c.output_logprobs, c.top_alternatives, last=True)
-        return protocol.completion_choice(index, c, logprobs)
+            if head is not None:
+                logprobs = protocol.join_logprobs(head, logprobs)
+        choice = protocol.completion_choice(index, c, logprobs)
+        choice["text"] = echoed + choice["text"]
+        return self._extras(choice, c.prompt_logprobs)
 
     def chunk(self, response_id: str, created: int, index: int, event: Event) -> dict | None:
+        echoed, head = self._prompt(event.prompt_logprobs) \
+            if event.prompt_logprobs is not None else ("", None)
+        token = [] if event.token is None else [event.token]
         logprobs = None
         if self.top is not None:
             builder = self._streams.setdefault(
-                index, protocol.CompletionLogprobs(self.service.texts, self.top))
-            logprobs = builder.entries([event.token], [event.logprob], [event.top],
-                                       last=event.finished)
-        elif not event.text and not event.finished:
+                index, protocol.CompletionLogprobs(self.service.texts, self.top,
+                                                   offset=len(echoed)))
+            logprobs = builder.entries(token, [event.logprob] * len(token),
+                                       [event.top] * len(token), last=event.finished)
+            if head is not None:
+                logprobs = protocol.join_logprobs(head, logprobs)
+        elif not event.text and not event.finished and not echoed:
             return None
         finish = None if event.completion is None else \
             protocol.FINISH_REASON[event.completion.finish_reason]
-        return self.envelope(response_id, created, [
-            {"index": index, "text": event.text, "logprobs": logprobs,
-             "finish_reason": finish}])
+        return self.envelope(response_id, created, [self._extras(
+            {"index": index, "text": echoed + event.text, "logprobs": logprobs,
+             "finish_reason": finish}, event.prompt_logprobs)])
 
 
 class _ChatFormat(_Format):

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from grok.engine.request import Completion, GenerationSettings
+from grok.engine.request import Completion, GenerationSettings, PromptLogprobs
 from grok.errors import GrokError
 from grok.tokenizer import Tokenizer
 
@@ -99,17 +99,40 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias}: keys are strings of digits, as JSON objects have them."""
+    value = _get(body, "logit_bias", {})
+    if not isinstance(value, dict):
+        raise bad_request(f"logit_bias must be an object mapping token ids to biases, got "
+                          f"{json.dumps(value)[:80]}", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad_request(f"logit_bias keys must be token ids (strings of digits), got "
+                              f"{json.dumps(key)[:40]}", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) \
+                or not math.isfinite(bias):
+            raise bad_request(f"logit_bias[{key}] must be a number, got "
+                              f"{json.dumps(bias)[:40]}", "logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    value = _get(body, name, [])
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise bad_request(f"{name} must be a list of token ids (integers >= 0), got "
+                          f"{json.dumps(value)[:80]}", name)
+    return tuple(value)
+
+
 # Fields a client may send that this server cannot honour, each with the values that ask
 # for nothing (benchmark tools send those as a matter of course).
 _NO_OP_VALUES: dict[str, tuple] = {
     "echo": (False,),
     "suffix": ("",),
     "best_of": (1,),
-    "repetition_penalty": (1, 1.0),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
-    "logit_bias": ({},),
-    "min_tokens": (0,),
     "use_beam_search": (False,),
     "tools": ([],),
     "functions": ([],),
@@ -121,8 +144,10 @@ _NO_OP_VALUES: dict[str, tuple] = {
 }
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
-           "stream", "stream_options", "ignore_eos", "user"}
-COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs"}
+           "stream", "stream_options", "ignore_eos", "user", "presence_penalty",
+           "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+           "stop_token_ids"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "prompt_logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
 
@@ -153,6 +178,13 @@ class Sampling:
     stream: bool
     include_usage: bool
     ignore_eos: bool
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: bool = False  # the prompt is scored (echo, prompt_logprobs)
 
     def settings(self, choice: int) -> GenerationSettings:
         """The engine settings of choice `choice` (0 .. n-1): with a seed, seed + choice, so
@@ -161,19 +193,36 @@ class Sampling:
         try:
             return GenerationSettings(
                 max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                top_k=self.top_k, seed=seed, stop=self.stop, ignore_eos=self.ignore_eos)
+                top_k=self.top_k, seed=seed, stop=self.stop, ignore_eos=self.ignore_eos,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+                min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
+                prompt_logprobs=self.prompt_logprobs)
         except GrokError as e:
-            raise bad_request(str(e)) from None
+            named = str(e).split(" ", 1)[0].split("[", 1)[0].rstrip(":")
+            raise bad_request(str(e), named if named in _SETTING_FIELDS else None) from None
 
 
-def _sampling(body: dict, max_tokens_names: Sequence[str]) -> Sampling:
+# Request fields whose values GenerationSettings checks (its messages begin with the name).
+_SETTING_FIELDS = {"temperature", "top_p", "top_k", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+                   "stop_token_ids"}
+
+
+def _sampling(body: dict, max_tokens_names: Sequence[str], scoring: bool = False
+              ) -> Sampling:
+    """`scoring`: the prompt is scored, and max_tokens may be 0 (the prompt only)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("model is required: a string naming the served model "
                           "(GET /v1/models lists it)", "model")
     max_tokens = DEFAULT_MAX_TOKENS
     for name in max_tokens_names:  # the later name wins, as OpenAI's newer field does
-        max_tokens = _int(body, name, max_tokens, lo=1)
+        max_tokens = _int(body, name, max_tokens, lo=0)
+        if max_tokens == 0 and not scoring:
+            raise bad_request(f"{name} must be >= 1 (0 only with echo or prompt_logprobs), "
+                              f"got 0", name)
     top_k = _int(body, "top_k", 0, lo=-1)
     stream = _bool(body, "stream", False)
     options = _get(body, "stream_options", None)
@@ -193,7 +242,12 @@ def _sampling(body: dict, max_tokens_names: Sequence[str]) -> Sampling:
         n=_int(body, "n", 1, lo=1),
         seed=_int(body, "seed", None, lo=-(2**63), hi=2**63 - 1),
         stop=_stop(body), stream=stream, include_usage=include_usage,
-        ignore_eos=_bool(body, "ignore_eos", False))
+        ignore_eos=_bool(body, "ignore_eos", False),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        logit_bias=_logit_bias(body), min_tokens=_int(body, "min_tokens", 0, lo=0),
+        stop_token_ids=_token_ids(body, "stop_token_ids"), prompt_logprobs=scoring)
     sampling.settings(0)  # the engine's own range checks, before anything is queued
     return sampling
 
@@ -210,8 +264,9 @@ def unknown_fields(body: dict, known: set[str]) -> list[str]:
 class CompletionParams:
     sampling: Sampling
     prompts: tuple[str | tuple[int, ...], ...]
-    logprobs: int | None
-
+    logprobs: int | None  # alternatives per token in `logprobs` (None: no logprobs)
+    echo: bool = False  # the prompt (and its logprobs) comes before the completion
+    prompt_logprobs: int | None = None  # vLLM's: alternatives per prompt token
 
 def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
@@ -235,16 +290,17 @@ def parse_completion(body: Any) -> CompletionParams:
     """Checks a /v1/completions body; raises `ApiError` (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    _refuse_unhonourable(body, ["echo", "suffix", "best_of", "repetition_penalty",
-                                "presence_penalty", "frequency_penalty", "logit_bias",
-                                "min_tokens", "use_beam_search", "n_probs"])
+    _refuse_unhonourable(body, ["suffix", "best_of", "use_beam_search", "n_probs"])
     if "prompt" not in body:
         raise bad_request("prompt is required", "prompt")
     prompts = _prompts(body["prompt"])
     if any(isinstance(p, str) and not p for p in prompts):
         raise bad_request("prompt must not be empty", "prompt")
-    return CompletionParams(_sampling(body, ["max_tokens"]), prompts,
-                            _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS))
+    echo = _bool(body, "echo", False)
+    prompt_logprobs = _int(body, "prompt_logprobs", None, lo=0, hi=MAX_LOGPROBS)
+    return CompletionParams(
+        _sampling(body, ["max_tokens"], scoring=echo or prompt_logprobs is not None),
+        prompts, _int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS), echo, prompt_logprobs)
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------
@@ -283,10 +339,9 @@ def parse_chat(body: Any) -> ChatParams:
     """Checks a /v1/chat/completions body; raises `ApiError` (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    _refuse_unhonourable(body, ["echo", "best_of", "repetition_penalty", "presence_penalty",
-                                "frequency_penalty", "logit_bias", "min_tokens",
-                                "use_beam_search", "tools", "functions", "tool_choice",
-                                "function_call", "parallel_tool_calls", "response_format"])
+    _refuse_unhonourable(body, ["echo", "best_of", "use_beam_search", "tools", "functions",
+                                "tool_choice", "function_call", "parallel_tool_calls",
+                                "response_format"])
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")
@@ -349,25 +404,51 @@ class CompletionLogprobs:
     """Builds /v1/completions `logprobs` objects, token by token, so a stream and a full
     response report the same thing. `offset` counts the text of the tokens seen so far."""
 
-    def __init__(self, texts: TokenTexts, top: int):
-        self.texts, self.top, self.offset = texts, top, 0
+    def __init__(self, texts: TokenTexts, top: int, offset: int = 0):
+        """`offset`: where the tokens' text starts (after an echoed prompt's)."""
+        self.texts, self.top, self.offset = texts, top, offset
         self._decoder = texts.tokenizer.stream_decoder()
 
-    def entries(self, tokens: Sequence[int], logprobs: Sequence[float],
+    def entries(self, tokens: Sequence[int], logprobs: Sequence[float | None],
                 tops: Sequence[Sequence[tuple[int, float]]], last: bool) -> dict:
+        """A logprob of None (an echoed prompt's first token) has null alternatives."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                                 "text_offset": []}
         for i, (token, logprob, top) in enumerate(zip(tokens, logprobs, tops, strict=True)):
             out["tokens"].append(self.texts.piece(token))
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append(
-                {self.texts.piece(t): lp for t, lp in list(top)[: self.top]})
+                None if logprob is None
+                else {self.texts.piece(t): lp for t, lp in list(top)[: self.top]})
             out["text_offset"].append(self.offset)
             added = "" if token == self.texts.eos_id else self._decoder.push(token)
             if last and i == len(tokens) - 1:
                 added += self._decoder.flush()
             self.offset += len(added)
         return out
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    """Two runs of completion `logprobs` entries as one (an echoed prompt's, then the
+    completion's)."""
+    return {key: first[key] + second[key] for key in first}
+
+
+def vllm_prompt_logprobs(texts: TokenTexts, scores: PromptLogprobs, top: int) -> list:
+    """vLLM's `prompt_logprobs`: null for the first token, then for each token a map from
+    token id to {logprob, rank, decoded_token} of the token itself and the `top` most
+    likely ones there."""
+    out: list[dict | None] = [None]
+    for token, logprob, rank, alternatives in zip(
+            scores.tokens[1:], scores.logprobs[1:], scores.ranks[1:],
+            scores.top_alternatives[1:], strict=True):
+        entry = {str(token): {"logprob": logprob, "rank": rank,
+                              "decoded_token": texts.piece(token)}}
+        for r, (t, lp) in enumerate(alternatives[:top], 1):
+            entry.setdefault(str(t), {"logprob": lp, "rank": r,
+                                      "decoded_token": texts.piece(t)})
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(texts: TokenTexts, tokens: Sequence[int], logprobs: Sequence[float],

@@ -295,12 +295,13 @@ class Worker:
         m = self.metrics
         if m is None:
             return
-        m.generation_tokens.inc()
-        if live.last is None:
-            m.ttft.observe(now - live.arrival)
-        else:
-            m.itl.observe(now - live.last)
-        live.last = now
+        if event.token is not None:  # None: a prompt scored, nothing drawn
+            m.generation_tokens.inc()
+            if live.last is None:
+                m.ttft.observe(now - live.arrival)
+            else:
+                m.itl.observe(now - live.last)
+            live.last = now
         if event.completion is not None:
             m.e2e.observe(now - live.arrival)
 
