@@ -30,10 +30,11 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.engine.engine import MIN_BUCKET, bucket
 from grok.errors import GrokError
+from grok.sampling import target_logits
 from grok.tokenizer import Tokenizer
 
-# Tokens (rows x length) of one scoring batch at most: its float32 log-softmax stays
-# within a few hundred MiB at Grok-1's vocabulary, and a full-context row still fits.
+# Tokens (rows x length) of one scoring batch at most: its logits stay within 4 GiB at
+# Grok-1's vocabulary (bf16), and a full-context row still fits.
 BATCH_TOKENS = 8192
 
 
@@ -99,13 +100,12 @@ class Scorer:
         """tokens, targets i32[B, T] (targets -1: not scored) -> each position's target
         log-probability f32[B, T] (0 where not scored) and whether it was the argmax
         bool[B, T] (True where not scored)."""
-        logits = self._apply(params, tokens).astype(jnp.float32)
-        normalizer = jax.nn.logsumexp(logits, axis=-1)
-        target = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None],
-                                     axis=-1)[..., 0]
+        logits = self._apply(params, tokens)
+        target, normalizer = target_logits(logits, targets)
         scored = targets >= 0
         best = jnp.argmax(logits, axis=-1) == targets
-        return jnp.where(scored, target - normalizer, 0.0), best | ~scored
+        return (jnp.where(scored, target[..., 0].astype(jnp.float32) - normalizer, 0.0),
+                best | ~scored)
 
     def score(self, params, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
               ) -> list[Score]:

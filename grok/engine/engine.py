@@ -48,6 +48,7 @@ from grok.sampling import (
     bar_stop_tokens,
     count_tokens,
     sample,
+    target_logits,
 )
 from grok.sharding import DATA, LAYERS_KV_SPEC
 
@@ -150,18 +151,16 @@ def neutral_controls(rows: int, vocab: int, xp=np) -> Controls:
 
 
 def fill_controls(controls: Controls, i: int, request: Request, eos_token: int) -> None:
-    """Row i of host `controls` from the request's settings."""
+    """Row i of host `controls`, neutral as `neutral_controls` makes it, from the request's
+    settings."""
     s = request.settings
     controls.on[i] = s.steered
-    controls.bias[i] = 0.0
     for token, bias in s.logit_bias:
         controls.bias[i, token] = bias
-    controls.seen[i] = False
     if s.repetition_penalty != 1:
         controls.seen[i, list(request.prompt_ids)] = True
     controls.presence[i], controls.frequency[i], controls.repetition[i] = \
         s.presence_penalty, s.frequency_penalty, s.repetition_penalty
-    controls.stop_tokens[i] = False
     controls.stop_tokens[i, list(s.stop_token_ids)] = True
     controls.stop_tokens[i, eos_token] = not s.ignore_eos
     controls.min_tokens[i] = s.min_tokens
@@ -689,13 +688,9 @@ def score_positions(logits, targets) -> PromptScores:
     top = min(TOP_ALTERNATIVES, vocab)
 
     def score(logits, targets):
-        # Reductions over the logits as they are, so that no float32 copy of all of them
-        # is made (512 MiB for 1024 positions of Grok-1's vocabulary); a token's number
-        # and the best alternatives' are then the same arithmetic, so the argmax's are
-        # equal (lm_eval's greedy test compares them).
-        normalizer = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, T]
-        chosen = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None],
-                                     axis=-1)  # [B, T, 1]
+        # A token's number and the best alternatives' are the same arithmetic, so the
+        # argmax's are equal (lm_eval's greedy test compares them).
+        chosen, normalizer = target_logits(logits, targets)  # [B, T, 1], [B, T]
         rank = 1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32)
         top_logits, top_ids = jax.lax.top_k(logits, top)
         logprob = chosen[..., 0].astype(jnp.float32) - normalizer

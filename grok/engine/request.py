@@ -66,8 +66,7 @@ class GenerationSettings:
                 also = " (0 only with prompt_logprobs)" if name == "max_new_tokens" else ""
                 raise GrokError(f"{name} must be an integer >= {low}{also}, got "
                                 f"{value!r:.80}")
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, (int, np.integer)) \
-                or not 0 <= self.min_tokens <= self.max_new_tokens:
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
             raise GrokError(f"min_tokens must be an integer in [0, max_new_tokens="
                             f"{self.max_new_tokens}], got {self.min_tokens!r:.80}")
         if any(not isinstance(s, str) or not s for s in stop):

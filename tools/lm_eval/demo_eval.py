@@ -84,13 +84,16 @@ def choice_totals(model, docs: list[dict]) -> list[list[float]]:
     return [[s.total for s in flat[i * CHOICES:(i + 1) * CHOICES]] for i in range(len(docs))]
 
 
-def without_near_ties(model, docs: list[dict]) -> list[dict]:
-    kept = []
-    for d, totals in zip(docs, choice_totals(model, docs), strict=True):
-        best, second = sorted(totals, reverse=True)[:2]
+def without_near_ties(docs: list[dict], totals: list[list[float]]
+                      ) -> tuple[list[dict], list[list[float]]]:
+    """The docs (and their choices' totals) whose two likeliest choices are apart."""
+    kept_docs, kept_totals = [], []
+    for d, t in zip(docs, totals, strict=True):
+        best, second = sorted(t, reverse=True)[:2]
         if best - second >= NEAR_TIE:
-            kept.append(d)
-    return kept
+            kept_docs.append(d)
+            kept_totals.append(t)
+    return kept_docs, kept_totals
 
 
 def free_port() -> int:
@@ -141,11 +144,13 @@ def _offline() -> dict:
             "TRANSFORMERS_OFFLINE": "1"}
 
 
-def library_metrics(model, docs: list[dict]) -> dict[tuple[str, str], float]:
-    """Each task's metrics as lm_eval defines them, from the library's own calls."""
+def library_metrics(model, docs: list[dict], choice_scores: list[list[float]]
+                    ) -> dict[tuple[str, str], float]:
+    """Each task's metrics as lm_eval defines them, from the library's own calls
+    (`choice_scores`: `choice_totals` of the docs)."""
     prompts = [d["prompt"] for d in docs]
     acc = acc_norm = 0
-    for d, totals in zip(docs, choice_totals(model, docs), strict=True):
+    for d, totals in zip(docs, choice_scores, strict=True):
         acc += max(range(CHOICES), key=totals.__getitem__) == d["gold"]
         normed = [t / len(c) for t, c in zip(totals, d["choices"], strict=True)]
         acc_norm += max(range(CHOICES), key=normed.__getitem__) == d["gold"]
@@ -180,7 +185,7 @@ def main(argv=None) -> int:
     shutil.copytree(TASKS, work / "tasks" / "grok_demo", dirs_exist_ok=True)
     model = demo.load()
     made = make_docs(args.count, args.seed)
-    docs = without_near_ties(model, made)
+    docs, totals = without_near_ties(made, choice_totals(model, made))
     (work / "tasks" / "grok_demo" / "demo_sums.jsonl").write_text(
         "".join(json.dumps(d) + "\n" for d in docs))
     port = free_port()
@@ -192,7 +197,7 @@ def main(argv=None) -> int:
     finally:
         server.terminate()
         server.wait(60)
-    mine = library_metrics(model, docs)
+    mine = library_metrics(model, docs, totals)
     print(f"\n{len(docs)} problems (of {len(made)}: half held out, half longer than any "
           f"trained on; {len(made) - len(docs)} near-ties left out); lm_eval over HTTP took "
           f"{took:.0f} s\n")
