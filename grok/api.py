@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -30,6 +31,9 @@ from grok.quant import (
 from grok.routing import ExpertUsage, Routing, UsageCounter
 from grok.scoring import Score, Scorer, encode_pair, join, rolling_windows
 from grok.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from grok.structured.compiler import GrammarCompiler
 
 
 class Grok:
@@ -111,6 +115,18 @@ class Grok:
                               split_experts=platform == "cpu")
         return cls(config, params, mesh, tokenizer, moe_strategy=moe,
                    expert_stats=expert_stats, layers=layers)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles output structures (`grok.structured`) for this model's vocabulary; made
+        on first use (it needs the tokenizer and xgrammar). A compiler made earlier for the
+        same tokenizer and vocabulary size may be assigned instead."""
+        from grok.structured.compiler import GrammarCompiler
+
+        if self.tokenizer is None:
+            raise GrokError("structured output needs a tokenizer (pass tokenizer_path to "
+                            "Grok.load)")
+        return GrammarCompiler(self.tokenizer, self.config.vocab_size)
 
     def logits(self, tokens) -> np.ndarray:
         """Float32 logits [B, T, vocab_size] of a full forward pass over int tokens [B, T]."""
@@ -252,9 +268,12 @@ class Grok:
         if len(seeds) != len(batch):
             raise GrokError(f"seed must be an int or one int per prompt ({len(batch)}), "
                             f"got {seed!r:.80}")
-        requests = [make_request(self.config, self.tokenizer, prompt,
-                                 GenerationSettings(seed=s, **settings), label=f"prompt {i}")
-                    for i, (prompt, s) in enumerate(zip(batch, seeds, strict=True))]
+        each = [GenerationSettings(seed=s, **settings) for s in seeds]
+        structure = each[0].structure
+        grammar = None if structure is None else self.grammars.compile(structure)
+        requests = [make_request(self.config, self.tokenizer, prompt, s, label=f"prompt {i}",
+                                 grammar=grammar)
+                    for i, (prompt, s) in enumerate(zip(batch, each, strict=True))]
         engine = self.engine(*run_shape(self.config, requests), log=log)
         return GenerationRun(single, engine, requests)
 
@@ -264,7 +283,8 @@ class Grok:
 
         A prompt is a string (needs the tokenizer) or a list of token ids. Settings are the
         fields of `GenerationSettings`: max_new_tokens, temperature (0: greedy), top_p,
-        top_k (0: off), seed (one, or one per prompt), stop, ignore_eos, allowed_tokens;
+        top_k (0: off), seed (one, or one per prompt), stop, ignore_eos, allowed_tokens,
+        the steering controls, structure (`grok.structured`: JSON schema, regex, ...);
         defaults are the release's. Each row stops at EOS, at a stop string, or after
         max_new_tokens. One prompt in gives one `Completion` out; a list gives a list, in
         prompt order.

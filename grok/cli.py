@@ -23,6 +23,8 @@ from grok.layers import LAYER_MODES
 from grok.moe import STRATEGIES
 from grok.plan.sizes import RunShape, check_fits
 from grok.quant import DEFAULT_INT4_GROUP, WEIGHT_MODES
+from grok.structured import Choice, Ebnf, JsonObject, JsonSchema, Regex, Structure
+from grok.structured.compiler import GrammarCompiler
 from grok.tokenizer import Tokenizer
 
 # Relative to where the command runs, so an installed package finds the user's files.
@@ -125,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "positive, multiplied where not (vLLM's; 1 is off)")
     p.add_argument("--logit-bias", type=_logit_bias, action="append", metavar="ID=BIAS",
                    help="add BIAS (clamped to [-100, 100]) to token ID's logit (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE|JSON",
+                       help="the output is JSON valid against this schema (a file, or the "
+                            "schema's text); needs the 'structured' extra: xgrammar")
+    shape.add_argument("--json-object", action="store_true",
+                       help="the output is a JSON object")
+    shape.add_argument("--regex", help="the output matches this regular expression")
+    shape.add_argument("--choice", action="append",
+                       help="the output is one of these strings (repeatable)")
+    shape.add_argument("--grammar", type=Path, metavar="FILE",
+                       help="the output follows this EBNF grammar (start rule: root)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt instead of streaming text")
     p.add_argument("--expert-stats", type=Path, metavar="FILE.json",
@@ -222,6 +235,32 @@ def _prompts(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
+def _structure(args) -> Structure | None:
+    """The output's structure from --json-schema, --json-object, --regex, --choice or
+    --grammar."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise GrokError(f"--json-schema: {text[:80]!r} is neither a schema nor a "
+                                f"readable file ({getattr(e, 'strerror', None) or e})"
+                                ) from None
+        return JsonSchema(text)
+    if args.grammar is not None:
+        try:
+            return Ebnf(args.grammar.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise GrokError(f"--grammar {str(args.grammar)!r}: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    if args.json_object:
+        return JsonObject()
+    if args.regex is not None:
+        return Regex(args.regex)
+    return None if args.choice is None else Choice(args.choice)
+
+
 def _check_paths(args) -> None:
     """Says where the files go, and suggests a flag only where it was not given."""
     ckpt = args.checkpoint
@@ -262,7 +301,8 @@ def _run(args, out, err) -> None:
                     presence_penalty=args.presence_penalty,
                     frequency_penalty=args.frequency_penalty,
                     repetition_penalty=args.repetition_penalty,
-                    logit_bias=dict(args.logit_bias or ()))
+                    logit_bias=dict(args.logit_bias or ()),
+                    structure=_structure(args))
     mesh = sharding.make_mesh(args.mesh)
     sharding.check_mesh(config, mesh)
     if args.expert_plot is not None:
@@ -273,10 +313,15 @@ def _run(args, out, err) -> None:
             raise GrokError(f"{flag}: folder {str(path.parent)!r} does not exist")
     examples = args.demo and not args.prompt and args.prompt_file is None
     prompts = demo.example_prompts() if examples else _prompts(args)
-    # The checks `Grok.run` makes, and the memory its engine will take, before the load
-    # rather than after it.
+    # The checks `Grok.run` makes (the structure compiled), and the memory its engine will
+    # take, before the load rather than after it.
+    grammars = grammar = None
+    if settings["structure"] is not None:
+        grammars = GrammarCompiler(tokenizer, config.vocab_size)
+        grammar = grammars.compile(settings["structure"])
     requests = [make_request(config, tokenizer, prompt, GenerationSettings(**settings),
-                             label=f"prompt {i}") for i, prompt in enumerate(prompts)]
+                             label=f"prompt {i}", grammar=grammar)
+                for i, prompt in enumerate(prompts)]
     max_batch, max_seq_len = run_shape(config, requests)
     cache = prefix_cache_settings(args, max_batch, max_seq_len)
     check_fits(RunShape(config, args.mesh, args.weights, args.layers, args.moe, max_batch,
@@ -291,6 +336,8 @@ def _run(args, out, err) -> None:
     print(f"loaded in {time.perf_counter() - start:.1f} s on a "
           f"{grok.mesh.shape['data']}x{grok.mesh.shape['model']} mesh", file=err)
     grok.enable_prefix_cache(cache)
+    if grammars is not None:
+        grok.grammars = grammars  # compiled already
     run = grok.run(prompts, **settings)
     # Compiled first, behind one progress line: on the real model each program takes a while.
     before, hits, start = run.engine.compile_count, compilation.cache_hits(), time.perf_counter()

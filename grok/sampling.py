@@ -72,6 +72,14 @@ def count_tokens(counts, tokens, add) -> jax.Array:
     return counts.at[jnp.arange(counts.shape[0]), tokens].add(add)
 
 
+def unpack_token_mask(words, vocab: int) -> jax.Array:
+    """bool[B, V] from packed int32 words [B, ceil(V / 32)], bit j of word i allowing
+    token 32 i + j (xgrammar's layout): shifts and masks, no float copy of the mask."""
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = (words[:, :, None] >> shifts) & 1  # arithmetic shift: the sign bit is bit 31
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
 def target_logits(logits, targets) -> tuple[jax.Array, jax.Array]:
     """For logits [..., V] and token ids `targets` [...] (-1 reads token 0): each target's
     logit [..., 1], as the logits' dtype, and the float32 log-normalizer [...]; their

@@ -98,6 +98,24 @@ class Tokenizer:
         return [i for i in range(self.vocab_size) if i != self._eos_id
                 and (i == self._pad_id or sp.is_control(i) or sp.is_unknown(i))]
 
+    def raw_pieces(self) -> list[str]:
+        """Each id's SentencePiece piece as stored ("▁" for a space, "<0xE2>" for a byte),
+        and "" for the ids that stand for no text (pad, control, unknown; EOS included)."""
+        sp = self._sp
+        return ["" if i == self._pad_id or i == self._eos_id or sp.is_control(i)
+                or sp.is_unknown(i) else sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    @functools.cached_property
+    def strips_leading_space(self) -> bool:
+        """Whether `decode` drops the first piece's leading "▁" (SentencePiece's dummy
+        prefix): then text that begins a generation is written by a piece with a "▁"."""
+        sp = self._sp
+        marked = next((i for i in range(self.vocab_size) if not sp.is_control(i)
+                       and sp.id_to_piece(i).startswith("\u2581")
+                       and len(sp.id_to_piece(i)) > 1), None)
+        return marked is not None and sp.decode([marked]) == \
+            sp.id_to_piece(marked)[1:].replace("\u2581", " ")
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; raises GrokError, naming them, where some characters have
         no piece (they would all become the unknown token, and the model see nothing)."""

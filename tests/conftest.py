@@ -31,3 +31,20 @@ def fixture_dir() -> Path:
     if not (FIXTURE / "ckpt-0").is_dir():
         pytest.skip(f"fixture not found at {FIXTURE}")
     return FIXTURE
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    """An httpx client of the module's server (the module's `url` fixture)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The `openai` client of the module's server (the module's `url` fixture)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)

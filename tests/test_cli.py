@@ -153,6 +153,12 @@ SETTINGS = [
      "logit_bias: token id 5000 is out of range [0, vocab_size=4096)"),
     (["--min-tokens", "200"], "min_tokens must be an integer in [0, max_new_tokens=100]"),
     (["--stop-token-id", "-4"], "stop_token_ids must be a list of token ids"),
+    (["--json-schema", '{"type": "array", "uniqueItems": true}'],
+     "json_schema: 'uniqueItems' at / is not supported"),
+    (["--json-schema", "/nonexistent/s.json"],
+     "--json-schema: '/nonexistent/s.json' is neither a schema nor a readable file"),
+    (["--regex", "(ab"], "regex: regex does not compile: Regex parsing error"),
+    (["--regex", "a", "--choice", "b"], "argument --choice: not allowed with argument --regex"),
 ]
 
 
@@ -245,3 +251,13 @@ def test_bad_input_stderr_is_only_the_error(model_args, extra, message):
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
     assert message in lines[0]
+
+
+def test_a_structured_run(model_args):
+    pytest.importorskip("xgrammar")
+    code, out, err = call_main([*model_args, "--prompt", OTHER_PROMPT, "--max-new-tokens", "8",
+                                "--temperature", "1", "--json", "--choice", "yes",
+                                "--choice", "no thanks"])
+    assert code == 0, err
+    completion = json.loads(out)
+    assert completion["text"] in ("yes", "no thanks") and completion["finish_reason"] == "stop"

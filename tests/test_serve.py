@@ -69,13 +69,15 @@ def start_worker(worker: Worker, timeout: float = 120) -> None:
 
 @contextlib.contextmanager
 def running_server(grok, engine: Callable, name: str, max_seq_len: int, slots: int,
-                   queue: int = 16) -> Iterator[str]:
+                   queue: int = 16, chat_template: ChatTemplate | None = None
+                   ) -> Iterator[str]:
     """A server of `grok` on the engine `engine()` builds, with its device thread started;
     yields its URL."""
     metrics = Metrics(slots)
     worker = Worker(engine, admission=Admission(slots + queue), metrics=metrics)
     config = ServerConfig(model_name=name, tokenizer=grok.tokenizer,
-                          eos_id=grok.config.eos_token, max_seq_len=max_seq_len)
+                          eos_id=grok.config.eos_token, max_seq_len=max_seq_len,
+                          chat_template=chat_template)
     server = ThreadedServer(create_app(Service(config, worker, metrics)))
     try:
         start_worker(worker)

@@ -21,6 +21,7 @@ import httpx
 from grok import Grok
 from grok.demo import DEMO_CHECKPOINT, DEMO_CONFIG, DEMO_TOKENIZER
 from grok.serve.__main__ import main
+from grok.structured import Regex
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "grok-1-demo"
@@ -130,10 +131,15 @@ PROMPTS = ["123+456=", "5+7=", "99+1=", "410+592="]
 @pytest.mark.slow
 def test_two_processes_serve_what_one_serves(tmp_path):
     """Process 0 serves and broadcasts each step's plan; process 1 follows. Streaming,
-    several prompts, n, a cancelled request and shutdown all keep the two in step."""
+    several prompts, n, a structured output (each process compiles it and runs its own
+    matchers), a cancelled request and shutdown all keep the two in step."""
     grok = Grok.load(DEMO_CHECKPOINT, DEMO_CONFIG, tokenizer_path=DEMO_TOKENIZER,
                      mesh_shape=(1, 1))
     want = [c.text for c in grok.generate(PROMPTS, max_new_tokens=8, temperature=0)]
+    digits = Regex("[1-9][0-9]?")
+    want_shaped = [c.text for c in grok.generate(PROMPTS, max_new_tokens=8, temperature=0,
+                                                 structure=digits)]
+    grok.grammars.close()
     port, coordinator = free_port(), f"127.0.0.1:{free_port()}"
     url, log = f"http://127.0.0.1:{port}", tmp_path / "process_0.log"
     common = ["--mesh", "2x4", "--coordinator", coordinator, "--num-processes", "2",
@@ -146,6 +152,9 @@ def test_two_processes_serve_what_one_serves(tmp_path):
         body = {"model": MODEL, "prompt": PROMPTS, "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
         assert [c["text"] for c in r.json()["choices"]] == want
+        r = httpx.post(f"{url}/v1/completions", timeout=600, json=body | {
+            "structured_outputs": {"regex": digits.pattern}})
+        assert [c["text"] for c in r.json()["choices"]] == want_shaped, r.text
         # A request whose client leaves: cancelled on both processes alike.
         with httpx.stream("POST", f"{url}/v1/completions", timeout=600, json=body | {
                 "n": 2, "stream": True, "ignore_eos": True, "temperature": 1.0}) as s:

@@ -15,6 +15,7 @@ from grok.serve.chat import ChatTemplate, TemplateError
 from grok.serve.plan import NewRequest, StepPlan
 from grok.serve.protocol import ApiError, Message
 from grok.serve.worker import Admission
+from grok.structured import JsonSchema
 from grok.tokenizer import Tokenizer
 
 
@@ -186,7 +187,7 @@ def test_chat_parsing():
     ({"messages": [{"role": "user", "content": 5}]}, "must be a string or a list"),
     ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
     ({"tools": [{"type": "function"}]}, "does not support tools"),
-    ({"response_format": {"type": "json_object"}}, "does not support response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format: type must be"),
 ])
 def test_bad_chat_requests(fields, message):
     with pytest.raises(ApiError, match=message) as e:
@@ -237,12 +238,17 @@ def test_plans_survive_their_encoding():
                                   frequency_penalty=-1.0, repetition_penalty=1.2,
                                   logit_bias={7: -3.5, 2: 100}, min_tokens=2,
                                   stop_token_ids=(9, 4), prompt_logprobs=True)
+    shaped = GenerationSettings(structure=JsonSchema({"type": "object", "properties": {
+        "b": {"type": "string"}, "a": {"type": "integer"}}}))
     plan = StepPlan((NewRequest(3, (5, 6), settings), NewRequest(4, (7,),
-                                                                 GenerationSettings())),
-                    cancels=(1, 2), stop=True)
+                                                                 GenerationSettings()),
+                     NewRequest(5, (8,), shaped)), cancels=(1, 2), stop=True)
     assert StepPlan.decode(plan.encode()) == plan
     assert StepPlan.decode(StepPlan().encode()) == StepPlan()
-    assert plan.submits[0].request().prompt_ids == (5, 6)
+    assert plan.submits[0].request(None).prompt_ids == (5, 6)
+    compiled = []
+    request = plan.submits[2].request(lambda spec: compiled.append(spec) or "grammar")
+    assert compiled == [shaped.structure] and request.grammar == "grammar"
 
 
 def test_chat_template_renders_as_hugging_faces():

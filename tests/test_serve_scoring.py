@@ -14,7 +14,6 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-import httpx
 import openai
 from test_serve import running_server
 
@@ -35,17 +34,6 @@ def url(model):
     with running_server(model, lambda: model.engine(SLOTS, MAX_LEN, prefill_chunk=16),
                         MODEL, MAX_LEN, SLOTS) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def http(url):
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def complete(http, **body) -> dict:

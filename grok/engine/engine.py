@@ -49,6 +49,7 @@ from grok.sampling import (
     count_tokens,
     sample,
     target_logits,
+    unpack_token_mask,
 )
 from grok.sharding import DATA, LAYERS_KV_SPEC
 
@@ -58,15 +59,17 @@ MAX_SLOTS = 4096  # a sanity bound on max_batch: far past what any device holds
 ROWS = P(DATA)  # [B]: one value per row, rows split over `data`
 ROWS_BY_VOCAB = P(DATA, None)  # [B, V]
 ROWS_BY_SLOT = P(DATA, None)  # [B, S]
+ROWS_BY_WORD = P(DATA, None)  # [B, ceil(V / 32)]: packed token masks
 REPLICATED = P()  # a step's draw: every process reads it
 CONTROL_SPECS = Controls(ROWS, ROWS_BY_VOCAB, ROWS_BY_VOCAB, ROWS, ROWS, ROWS, ROWS_BY_VOCAB,
                          ROWS)
 # Layouts of a prefill's inputs after the parameters and the state, in
 # `Engine._prefill_inputs` order: target slots, starts, tokens, lengths, seeds, sampling,
-# allowed, controls, and each position's next prompt token where the prompt is scored.
+# allowed, controls, each position's next prompt token where the prompt is scored, and
+# the packed token masks of the draws.
 PREFILL_INPUT_SPECS = (REPLICATED, ROWS, ROWS_BY_SLOT, ROWS, ROWS,
                        SamplingParams(ROWS, ROWS, ROWS), ROWS_BY_VOCAB, CONTROL_SPECS,
-                       ROWS_BY_SLOT)
+                       ROWS_BY_SLOT, ROWS_BY_WORD)
 
 
 def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
@@ -191,12 +194,14 @@ class PromptScores(NamedTuple):
 
 class PrefillRow(NamedTuple):
     """One request's part of a prefill: prompt tokens [start, stop) into slot `slot`, whose
-    cache holds the first `start` already (a cached prefix, or earlier chunks)."""
+    cache holds the first `start` already (a cached prefix, or earlier chunks). `mask`: the
+    packed tokens its draw may take (int32 [ceil(V / 32)], a grammar's), None for all."""
 
     request: Request
     slot: int
     start: int
     stop: int
+    mask: np.ndarray | None = None
 
     @property
     def final(self) -> bool:
@@ -260,14 +265,19 @@ class Engine:
         self.compile_times: dict[tuple, float] = {}  # seconds each program took to compile
         self.compile_seconds = 0.0
         self._state_shardings = self._shardings(STATE_SPECS)
+        self.mask_words = (cfg.vocab_size + 31) // 32  # int32 words of a packed token mask
+        self._all_tokens: dict[int, jax.Array] = {}  # rows -> masks allowing every token
 
     # --- requests ------------------------------------------------------------------------
 
     def make_request(self, prompt: str | Sequence[int], settings: GenerationSettings,
-                     label: str = "the prompt") -> Request:
-        """A request checked against the model and this engine's context."""
+                     label: str = "the prompt", grammar=None) -> Request:
+        """A request checked against the model and this engine's context. A structure is
+        compiled here (waiting for it) unless `grammar` is it, compiled already."""
+        if settings.structure is not None and grammar is None:
+            grammar = self.grok.grammars.compile(settings.structure)
         return make_request(self.config, self.grok.tokenizer, prompt, settings,
-                            max_seq_len=self.max_seq_len, label=label)
+                            max_seq_len=self.max_seq_len, label=label, grammar=grammar)
 
     # --- shapes --------------------------------------------------------------------------
 
@@ -359,7 +369,8 @@ class Engine:
             raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
                              "slots")
         arrays = self._prefill_inputs(batch, length)
-        index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets = arrays
+        (index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets,
+         masks) = arrays
         index[:n] = slots  # the padding rows' slot is out of range: their writes are dropped
         for i, r in enumerate(rows):
             s = r.request.settings
@@ -374,6 +385,8 @@ class Engine:
             if s.prompt_logprobs:  # each position's next prompt token
                 ahead = r.request.prompt_ids[r.start + 1:r.stop + 1]
                 targets[i, :len(ahead)] = ahead
+            if r.mask is not None:
+                masks[i] = r.mask
         args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
         state, first, tally, scores = self._prefill_step(key, args)(*args)
         scored = any(r.request.settings.prompt_logprobs for r in rows)
@@ -410,20 +423,34 @@ class Engine:
             ids[position] = block
         return self._put(ids, REPLICATED)
 
-    def generate(self, state: DecodeState, active: jax.Array, rows: int, filled: int
-                 ) -> tuple[DecodeState, Sample]:
+    def generate(self, state: DecodeState, active: jax.Array, rows: int, filled: int,
+                 masks: dict[int, np.ndarray] | None = None) -> tuple[DecodeState, Sample]:
         """One token for each active slot among the first `rows` (a bucket from
         `row_buckets`); `active` is bool[slots] on the devices (see `put_active`);
-        `filled` is the most cache slots any active row will hold after this step.
-        Returns the new state and the draws of the first `rows` slots, on the host.
-        Deterministic steps decode every slot."""
+        `filled` is the most cache slots any active row will hold after this step;
+        `masks` the packed tokens some slots may draw (a grammar's; int32 [ceil(V / 32)]
+        by slot), the others drawing from all. Returns the new state and the draws of the
+        first `rows` slots, on the host. Deterministic steps decode every slot."""
         rows = self.slots if self.deterministic else rows
         attend = self.attend_bucket(filled)
-        args = (self.grok.params, state, active)
+        args = (self.grok.params, state, active, self._token_masks(rows, masks))
         state, drawn, tally = self._decode_step(rows, attend, args)(*args)
         drawn, tally = jax.device_get((drawn, tally))
         self._count("decode", tally)
         return state, drawn
+
+    def _token_masks(self, rows: int, masks: dict[int, np.ndarray] | None) -> jax.Array:
+        """The decode step's int32 [rows, ceil(V / 32)] masks: all tokens (uploaded once
+        per row bucket) unless some slot has its own."""
+        if not masks:
+            if rows not in self._all_tokens:
+                self._all_tokens[rows] = self._put(
+                    np.full((rows, self.mask_words), -1, np.int32), ROWS_BY_WORD)
+            return self._all_tokens[rows]
+        host = np.full((rows, self.mask_words), -1, np.int32)
+        for slot, mask in masks.items():
+            host[slot] = mask
+        return self._put(host, ROWS_BY_WORD)
 
     def _count(self, phase: str, tally: Tally | None) -> None:
         if tally is not None:
@@ -496,7 +523,8 @@ class Engine:
         if kind == "decode":
             rows, attend = shape
             return self._decode_step(rows, attend, (
-                params, state, self._abstract((self.slots,), jnp.bool_, ROWS)))
+                params, state, self._abstract((self.slots,), jnp.bool_, ROWS),
+                self._abstract((rows, self.mask_words), jnp.int32, ROWS_BY_WORD)))
         raise ValueError(f"unknown program key {key!r}")
 
     def state_shapes(self) -> DecodeState:
@@ -520,8 +548,9 @@ class Engine:
     def _prefill_inputs(self, batch: int, length: int) -> tuple:
         """Host inputs of a prefill of `batch` rows, each a padding row until filled in:
         target slots [B] (out of range: dropped), starts [B], tokens [B, T], lengths [B],
-        seeds [B], SamplingParams [B], allowed [B, V], Controls [B] and [B, V], and each
-        position's next prompt token [B, T] (-1: none, or the prompt is not scored)."""
+        seeds [B], SamplingParams [B], allowed [B, V], Controls [B] and [B, V], each
+        position's next prompt token [B, T] (-1: none, or the prompt is not scored), and
+        packed token masks [B, ceil(V / 32)] (all ones: every token)."""
         return (np.full(batch, self.slots, np.int32), np.zeros(batch, np.int32),
                 np.full((batch, length), self.config.pad_token, np.int32),
                 np.zeros(batch, np.int32), np.zeros(batch, np.uint32),
@@ -529,7 +558,8 @@ class Engine:
                                np.zeros(batch, np.int32)),
                 np.ones((batch, self.config.vocab_size), bool),
                 neutral_controls(batch, self.config.vocab_size),
-                np.full((batch, length), -1, np.int32))
+                np.full((batch, length), -1, np.int32),
+                np.full((batch, self.mask_words), -1, np.int32))
 
     def _init_step(self):
         return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
@@ -563,11 +593,12 @@ class Engine:
         grok = self.grok
 
         def prefill(params, state: DecodeState, slots, starts, tokens, lengths, seeds,
-                    sampling, allowed, controls, targets):
+                    sampling, allowed, controls, targets, masks):
             """Rows [Bp] continue their slots `slots` (out of range: padding) from
             `starts`; what a slot held past its start (an earlier request's) is forgotten.
             Where a row scores its prompt, `targets` [Bp, T] holds each position's next
-            prompt token; with none, the step skips scoring."""
+            prompt token; with none, the step skips scoring. `masks` [Bp, ceil(V / 32)]
+            narrow this draw only (a grammar's first token); `allowed` is the request's."""
             cache = state.cache
             kept = (cache.key_valid.at[slots].get(mode="fill", fill_value=False)
                     & (jnp.arange(cache.max_len)[None, :] < starts[:, None]))  # [Bp, S]
@@ -580,8 +611,9 @@ class Engine:
             last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
             none = jnp.zeros_like(lengths)  # tokens generated before the first
             counts = jnp.zeros(allowed.shape, jnp.int32)
+            drawable = allowed & unpack_token_mask(masks, allowed.shape[1])
             first = sample(last.astype(jnp.float32), _keys(seeds, none), sampling,
-                           bar_stop_tokens(allowed, controls, none), controls, counts)
+                           bar_stop_tokens(drawable, controls, none), controls, counts)
 
             def put(full, rows):  # per-slot values [B, ...] <- [Bp, ...]
                 return full.at[slots].set(rows, mode="drop")
@@ -607,9 +639,10 @@ class Engine:
     def _decode_fn(self, rows: int, attend: int):
         grok = self.grok
 
-        def decode(params, state: DecodeState, active):
+        def decode(params, state: DecodeState, active, masks):
             """Feeds each of the first `rows` slots its last token; free slots add
-            nothing to the cache (num_new 0) and their draws are ignored."""
+            nothing to the cache (num_new 0) and their draws are ignored. `masks`
+            [rows, ceil(V / 32)]: packed tokens each row may draw this step."""
             on = active[:rows]
             steps = state.steps[:rows] + on
             logits, cache, routing = grok.model.apply(
@@ -619,7 +652,9 @@ class Engine:
             controls = Controls(*(x[:rows] for x in state.controls))
             counts = state.counts[:rows]
             # `steps`: the tokens each row generated before this draw.
-            allowed = bar_stop_tokens(state.allowed[:rows], controls, steps)
+            allowed = bar_stop_tokens(
+                state.allowed[:rows] & unpack_token_mask(masks, state.allowed.shape[1]),
+                controls, steps)
             drawn = sample(logits[:, 0].astype(jnp.float32),
                            _keys(state.seeds[:rows], steps), sampling, allowed, controls,
                            counts)

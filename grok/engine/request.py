@@ -14,9 +14,12 @@ import numpy as np
 from grok.config import GrokConfig
 from grok.errors import GrokError
 from grok.sampling import check_settings
+from grok.structured.spec import Structure, check_structure
 from grok.tokenizer import Tokenizer, default_allowed
 
-FINISH_REASONS = ("eos", "stop", "length")
+# "abort": a grammar that no token of the vocabulary can continue (a tokenizer without the
+# characters it needs) ended the row early.
+FINISH_REASONS = ("eos", "stop", "length", "abort")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,9 @@ class GenerationSettings:
     # Report each prompt token's log-probability given the ones before it (every prompt
     # token is then computed: the prefix cache is not read).
     prompt_logprobs: bool = False
+    # The shape the output must take (grok.structured: JsonSchema, JsonObject, Regex,
+    # Choice, Ebnf); the row ends ("stop") when it is complete.
+    structure: Structure | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -71,6 +77,10 @@ class GenerationSettings:
                             f"{self.max_new_tokens}], got {self.min_tokens!r:.80}")
         if any(not isinstance(s, str) or not s for s in stop):
             raise GrokError(f"stop strings must be non-empty strings, got {list(stop)!r:.200}")
+        check_structure(self.structure)
+        if self.structure is not None and self.allowed_tokens is not None:
+            raise GrokError("allowed_tokens and structure cannot be combined (the grammar "
+                            "already says which tokens may come)")
         for name in ("ignore_eos", "prompt_logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise GrokError(f"{name} must be true or false, got "
@@ -133,16 +143,23 @@ class Request:
     prompt_ids: tuple[int, ...]
     settings: GenerationSettings
     prompt: str | None = None  # the text, where the prompt was given as text
+    # settings.structure compiled (grok.structured.compiler.Grammar), where it is set
+    grammar: object | None = None
 
 
 def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | Sequence[int],
                  settings: GenerationSettings, max_seq_len: int | None = None,
-                 label: str = "the prompt") -> Request:
+                 label: str = "the prompt", grammar=None) -> Request:
     """Validates what a user can get wrong; each error names the value and the range.
 
     `max_seq_len` is the context the request must fit (default: the model's);
-    `label` names the prompt in messages ("prompt 3" in a batch).
+    `label` names the prompt in messages ("prompt 3" in a batch); `grammar` is
+    settings.structure compiled (`grok.structured.compiler.GrammarCompiler`), which a
+    request with a structure needs.
     """
+    if (settings.structure is None) != (grammar is None) or (
+            grammar is not None and grammar.spec != settings.structure):
+        raise ValueError("a request's grammar must be its settings.structure, compiled")
     if max_seq_len is None or max_seq_len == config.sequence_len:
         limit, limit_name = config.sequence_len, "sequence_len"
     else:
@@ -184,7 +201,7 @@ def make_request(config: GrokConfig, tokenizer: Tokenizer | None, prompt: str | 
                              or not 0 <= t < config.vocab_size for t in chosen):
             raise GrokError(f"allowed_tokens must be a non-empty list of token ids in "
                             f"[0, vocab_size={config.vocab_size})")
-    return Request(tuple(ids), settings, prompt if isinstance(prompt, str) else None)
+    return Request(tuple(ids), settings, prompt if isinstance(prompt, str) else None, grammar)
 
 
 def allowed_mask(config: GrokConfig, settings: GenerationSettings,

@@ -34,6 +34,8 @@ class Row:
         self.prompt_scores = PromptLogprobs(list(request.prompt_ids), [None] * n, [None] * n,
                                             [[] for _ in range(n)]) \
             if request.settings.prompt_logprobs else None
+        # Where the output has a structure: which tokens may come next (`mask`).
+        self.matcher = None if request.grammar is None else request.grammar.matcher()
 
     @property
     def finished(self) -> bool:
@@ -69,6 +71,13 @@ class Row:
         # Its text is left out, as EOS's (and vLLM's for stop tokens).
         stop_token = token in settings.stop_token_ids
         done = eos or stop_token or len(self.output_ids) >= settings.max_new_tokens
+        grammar_end = None  # "stop": the structure is complete; "abort": it cannot go on
+        if self.matcher is not None:
+            if not self.matcher.accept(token):
+                raise RuntimeError(f"token {token} was drawn outside its request's grammar")
+            grammar_end = "stop" if self.matcher.finished else \
+                "abort" if self.matcher.stuck else None
+            done = done or grammar_end is not None
         if self.decoder is not None:
             self.text += "" if eos or stop_token else self.decoder.push(token)
             self.text += self.decoder.flush() if done else ""
@@ -80,7 +89,8 @@ class Row:
             self.finish_reason = "stop"
             done = True
         elif done:
-            self.finish_reason = "eos" if eos else "stop" if stop_token else "length"
+            self.finish_reason = "eos" if eos else "stop" if stop_token else \
+                grammar_end or "length"
         end = len(self.text) if done else len(self.text) - stop_prefix_len(self.text, stops)
         piece, self.emitted = self.text[self.emitted:end], end
         return piece

@@ -230,7 +230,8 @@ class Scheduler:
                 or engine.deterministic:
             stop = first.prompt_len if chunk is None else min(first.prompt_len,
                                                               first.prefilled + chunk)
-            return [PrefillRow(first.row.request, self._prefilling[0], first.prefilled, stop)]
+            return [PrefillRow(first.row.request, self._prefilling[0], first.prefilled, stop,
+                               _mask(first.row))]
         length = engine.prompt_bucket(first.prompt_len)
         rows, spent = [], 0
         for slot in self._prefilling:
@@ -242,7 +243,7 @@ class Scheduler:
             if rows and (len(rows) == engine.max_prefill_batch(length)
                          or (budget is not None and spent + n > budget)):
                 break
-            rows.append(PrefillRow(held.row.request, slot, 0, n))
+            rows.append(PrefillRow(held.row.request, slot, 0, n, _mask(held.row)))
             spent += n
         return rows
 
@@ -298,8 +299,10 @@ class Scheduler:
         rows = self.engine.rows_for(int(in_use[-1]) + 1) if self.shrink_rows \
             else self.engine.slots
         filled = max(self._slots[s].row.filled for s in in_use)
+        masks = {int(s): self._slots[s].row.matcher.mask for s in in_use
+                 if self._slots[s].row.matcher is not None}
         self._state, drawn = self.engine.generate(self._state, self._active_on_device,
-                                                  rows, filled)
+                                                  rows, filled, masks)
         for slot in in_use:
             events.append(self._accept(slot, drawn.tokens[slot], drawn.logprobs[slot],
                                        drawn.top_ids[slot], drawn.top_logprobs[slot]))
@@ -307,3 +310,8 @@ class Scheduler:
         self.stats = dataclasses.replace(
             s, decode_s=s.decode_s + self._clock() - start,
             decode_tokens=s.decode_tokens + len(in_use), decode_steps=s.decode_steps + 1)
+
+
+def _mask(row: Row):
+    """The packed tokens a row's next draw may take (its grammar's), or None for all."""
+    return None if row.matcher is None else row.matcher.mask

@@ -15,6 +15,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -60,6 +61,13 @@ class Service:
         self.admission: Admission = worker.admission
         self.texts = protocol.TokenTexts(config.tokenizer, config.eos_id)
         self.draining = False
+        self._grammars_lock = threading.Lock()
+
+    def grammars(self):
+        """The model's grammar compiler, made on the first structured request (seconds:
+        xgrammar imports PyTorch), so call it off the event loop."""
+        with self._grammars_lock:
+            return self.worker.engine.grok.grammars
 
     @property
     def state(self) -> str:
@@ -170,7 +178,8 @@ async def _run(service: Service, http: Request, prompts: Sequence[str | list[int
     if count > capacity:
         raise bad_request(f"{len(prompts)} prompt(s) x n={sampling.n} is {count} sequences, "
                           f"more than this server holds at once ({capacity})", "n")
-    requests = _engine_requests(service.worker.engine, prompts, sampling)
+    grammar = await _compile(service, sampling)
+    requests = _engine_requests(service.worker.engine, prompts, sampling, grammar)
     if not service.admission.try_take(len(requests)):
         service.metrics.rejected.labels("429").inc()
         raise ApiError(429, "the server is busy: its queue is full, try again shortly",
@@ -188,14 +197,30 @@ async def _run(service: Service, http: Request, prompts: Sequence[str | list[int
     return JSONResponse(fmt.response(completions, prompt_tokens, sampling.n))
 
 
-def _engine_requests(engine, prompts: Sequence[str | list[int]],
-                     sampling: Sampling) -> list[EngineRequest]:
+async def _compile(service: Service, sampling: Sampling):
+    """The request's structure compiled (None without one): in the grammar compiler's own
+    processes, so the device thread and other requests never wait for it."""
+    spec = sampling.structure
+    if spec is None:
+        return None
+    param = "structured_outputs" if sampling.structure_field == "structured_outputs" \
+        else "response_format"
+    try:
+        compiler = await asyncio.to_thread(service.grammars)
+        return await asyncio.wrap_future(compiler.submit(spec))
+    except GrokError as e:
+        raise bad_request(f"{param}: {e}", param) from None
+
+
+def _engine_requests(engine, prompts: Sequence[str | list[int]], sampling: Sampling,
+                     grammar) -> list[EngineRequest]:
     """Checks and tokenizes each prompt once; its n choices differ only in their seeds."""
     out = []
     for i, prompt in enumerate(prompts):
         label = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         try:
-            first = engine.make_request(prompt, sampling.settings(0), label=label)
+            first = engine.make_request(prompt, sampling.settings(0), label=label,
+                                        grammar=grammar)
         except GrokError as e:
             raise bad_request(str(e), "prompt") from None
         out.append(first)

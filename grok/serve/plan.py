@@ -15,6 +15,7 @@ import json
 import numpy as np
 
 from grok.engine.request import GenerationSettings, Request
+from grok.structured import spec
 
 MIN_PAYLOAD = 256  # bytes; payloads are padded to a power of two at least this size
 
@@ -27,8 +28,25 @@ class NewRequest:
     prompt_ids: tuple[int, ...]
     settings: GenerationSettings
 
-    def request(self) -> Request:
-        return Request(self.prompt_ids, self.settings)
+    def request(self, compile_structure) -> Request:
+        """The request on a process that did not check it: `compile_structure(spec)`
+        compiles its structure (process 0 compiled it already, so it does)."""
+        structure = self.settings.structure
+        grammar = None if structure is None else compile_structure(structure)
+        return Request(self.prompt_ids, self.settings, grammar=grammar)
+
+
+def _settings_json(settings: GenerationSettings) -> dict:
+    raw = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    if settings.structure is not None:
+        raw["structure"] = spec.to_json(settings.structure)
+    return raw
+
+
+def _settings(raw: dict) -> GenerationSettings:
+    if raw.get("structure") is not None:
+        raw = raw | {"structure": spec.from_json(raw["structure"])}
+    return GenerationSettings(**raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +57,14 @@ class StepPlan:
 
     def encode(self) -> bytes:
         return json.dumps({
-            "submits": [[s.key, list(s.prompt_ids), dataclasses.asdict(s.settings)]
+            "submits": [[s.key, list(s.prompt_ids), _settings_json(s.settings)]
                         for s in self.submits],
             "cancels": list(self.cancels), "stop": self.stop}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> StepPlan:
         raw = json.loads(data)
-        submits = tuple(NewRequest(key, tuple(ids), GenerationSettings(**settings))
+        submits = tuple(NewRequest(key, tuple(ids), _settings(settings))
                         for key, ids, settings in raw["submits"])
         return cls(submits, tuple(raw["cancels"]), raw["stop"])
 

@@ -20,13 +20,15 @@ from typing import Any
 
 from grok.engine.request import Completion, GenerationSettings, PromptLogprobs
 from grok.errors import GrokError
+from grok.structured.spec import Choice, Ebnf, JsonObject, JsonSchema, Regex, Structure
 from grok.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_LOGPROBS = 8  # the engine reports the 8 most likely tokens of each step
 
-# The engine's finish reasons in OpenAI's words: EOS and a stop string are both "stop".
-FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
+# The engine's finish reasons in OpenAI's words: EOS and a stop string are both "stop";
+# "abort" (a grammar the vocabulary cannot continue) is vLLM's word.
+FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "abort": "abort"}
 
 
 class ApiError(Exception):
@@ -139,14 +141,13 @@ _NO_OP_VALUES: dict[str, tuple] = {
     "tool_choice": ("none",),
     "function_call": ("none",),
     "parallel_tool_calls": (False, True),
-    "response_format": ({"type": "text"},),
     "n_probs": (0,),
 }
 
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop",
            "stream", "stream_options", "ignore_eos", "user", "presence_penalty",
            "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
-           "stop_token_ids"}
+           "stop_token_ids", "response_format", "structured_outputs"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "prompt_logprobs"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
@@ -185,6 +186,8 @@ class Sampling:
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
     prompt_logprobs: bool = False  # the prompt is scored (echo, prompt_logprobs)
+    structure: Structure | None = None
+    structure_field: str = "response_format"  # the field it came from, or structured_outputs
 
     def settings(self, choice: int) -> GenerationSettings:
         """The engine settings of choice `choice` (0 .. n-1): with a seed, seed + choice, so
@@ -198,7 +201,7 @@ class Sampling:
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
                 min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
-                prompt_logprobs=self.prompt_logprobs)
+                prompt_logprobs=self.prompt_logprobs, structure=self.structure)
         except GrokError as e:
             named = str(e).split(" ", 1)[0].split("[", 1)[0].rstrip(":")
             raise bad_request(str(e), named if named in _SETTING_FIELDS else None) from None
@@ -247,9 +250,81 @@ def _sampling(body: dict, max_tokens_names: Sequence[str], scoring: bool = False
         frequency_penalty=_number(body, "frequency_penalty", 0.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0),
         logit_bias=_logit_bias(body), min_tokens=_int(body, "min_tokens", 0, lo=0),
-        stop_token_ids=_token_ids(body, "stop_token_ids"), prompt_logprobs=scoring)
+        stop_token_ids=_token_ids(body, "stop_token_ids"), prompt_logprobs=scoring,
+        structure=_structure(body),
+        structure_field="response_format" if "response_format" in body
+        else "structured_outputs")
     sampling.settings(0)  # the engine's own range checks, before anything is queued
     return sampling
+
+
+# structured_outputs (vLLM's): one of these says what the output is.
+_STRUCTURE_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM's switches that change nothing here: there is no fallback engine, JSON never has
+# free whitespace, and a schema allows extra properties only where it says so.
+_STRUCTURE_SWITCHES = ("disable_fallback", "disable_any_whitespace",
+                       "disable_additional_properties")
+
+
+def _structure(body: dict) -> Structure | None:
+    """The output's structure from OpenAI's response_format or vLLM's structured_outputs."""
+    fmt, outputs = _get(body, "response_format", None), _get(body, "structured_outputs", None)
+    if fmt is not None and outputs is not None:
+        raise bad_request("give response_format or structured_outputs, not both",
+                          "structured_outputs")
+    name = "response_format" if fmt is not None else "structured_outputs"
+    try:
+        if fmt is not None:
+            return _response_format(fmt)
+        return None if outputs is None else _structured_outputs(outputs)
+    except GrokError as e:
+        raise bad_request(f"{name}: {e}", name) from None
+
+
+def _response_format(fmt: Any) -> Structure | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonObject()
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise GrokError('json_schema must be an object {"name": ..., "schema": {...}, '
+                            f'"strict": ...}} with a schema, got {json.dumps(spec)[:80]}')
+        for field, kinds in (("name", str), ("strict", bool), ("description", str)):
+            if spec.get(field) is not None and not isinstance(spec[field], kinds):
+                raise GrokError(f"json_schema.{field} must be a {kinds.__name__}, got "
+                                f"{json.dumps(spec[field])[:40]}")
+        return JsonSchema(spec["schema"])
+    raise GrokError(f'type must be "text", "json_object" or "json_schema", got '
+                    f"{json.dumps(fmt)[:80]}")
+
+
+def _structured_outputs(value: Any) -> Structure:
+    if not isinstance(value, dict):
+        raise GrokError(f"must be an object, got {json.dumps(value)[:80]}")
+    unknown = sorted(k for k in value if k not in _STRUCTURE_KINDS + _STRUCTURE_SWITCHES)
+    if unknown:
+        raise GrokError(f"{unknown[0]!r} is not supported (only one of "
+                        f"{', '.join(_STRUCTURE_KINDS)}, and {', '.join(_STRUCTURE_SWITCHES)})")
+    for switch in _STRUCTURE_SWITCHES:
+        if value.get(switch) is not None and not isinstance(value[switch], bool):
+            raise GrokError(f"{switch} must be true or false")
+    given = [k for k in _STRUCTURE_KINDS if value.get(k) is not None
+             and not (k == "json_object" and value[k] is False)]
+    if len(given) != 1:
+        raise GrokError(f"give exactly one of {', '.join(_STRUCTURE_KINDS)}, got "
+                        f"{', '.join(given) or 'none'}")
+    kind, spec = given[0], value[given[0]]
+    if kind == "json_object":
+        if spec is not True:
+            raise GrokError(f"json_object must be true, got {json.dumps(spec)[:40]}")
+        return JsonObject()
+    if kind == "choice" and not (isinstance(spec, list)
+                                 and all(isinstance(c, str) for c in spec)):
+        raise GrokError(f"choice must be a list of strings, got {json.dumps(spec)[:80]}")
+    return {"json": JsonSchema, "regex": Regex, "choice": Choice, "grammar": Ebnf}[kind](spec)
 
 
 def unknown_fields(body: dict, known: set[str]) -> list[str]:
@@ -340,8 +415,7 @@ def parse_chat(body: Any) -> ChatParams:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     _refuse_unhonourable(body, ["echo", "best_of", "use_beam_search", "tools", "functions",
-                                "tool_choice", "function_call", "parallel_tool_calls",
-                                "response_format"])
+                                "tool_choice", "function_call", "parallel_tool_calls"])
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty list", "messages")

@@ -239,7 +239,7 @@ class Worker:
 
     def _apply(self, plan: StepPlan, originals: dict[int, Request]) -> None:
         for new in plan.submits:
-            request = originals.get(new.key) or new.request()
+            request = originals.get(new.key) or new.request(self._compile_structure)
             try:
                 rid = self.scheduler.submit(request)
             except GrokError as e:  # the same on every process: all skip it
@@ -258,6 +258,17 @@ class Worker:
             for rid in list(self._key):
                 self.scheduler.cancel(rid)
             self._end_all(Failure(503, "the server is shutting down"), "cancelled")
+
+    def _compile_structure(self, structure):
+        """A follower's compile of a structure process 0 accepted: waited for here, and
+        a failure is this process's fault (it stops the loop), not the request's."""
+        compiler = self.engine.grok.grammars
+        compiler.timeout_s = None  # it compiled in time on process 0: no limit here
+        try:
+            return compiler.compile(structure)
+        except GrokError as e:
+            raise RuntimeError(f"process 0 compiled a structure this process cannot: {e}"
+                               ) from None
 
     def _step(self) -> None:
         try:
