@@ -72,6 +72,11 @@ def count_tokens(counts, tokens, add) -> jax.Array:
     return counts.at[jnp.arange(counts.shape[0]), tokens].add(add)
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words of one row's packed token mask (see `unpack_token_mask`)."""
+    return (vocab_size + 31) // 32
+
+
 def unpack_token_mask(words, vocab: int) -> jax.Array:
     """bool[B, V] from packed int32 words [B, ceil(V / 32)], bit j of word i allowing
     token 32 i + j (xgrammar's layout): shifts and masks, no float copy of the mask."""

@@ -47,6 +47,7 @@ from grok.sampling import (
     SamplingParams,
     bar_stop_tokens,
     count_tokens,
+    mask_words,
     sample,
     target_logits,
     unpack_token_mask,
@@ -265,7 +266,7 @@ class Engine:
         self.compile_times: dict[tuple, float] = {}  # seconds each program took to compile
         self.compile_seconds = 0.0
         self._state_shardings = self._shardings(STATE_SPECS)
-        self.mask_words = (cfg.vocab_size + 31) // 32  # int32 words of a packed token mask
+        self.mask_words = mask_words(cfg.vocab_size)
         self._all_tokens: dict[int, jax.Array] = {}  # rows -> masks allowing every token
 
     # --- requests ------------------------------------------------------------------------

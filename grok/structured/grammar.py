@@ -23,15 +23,11 @@ import numpy as np
 import xgrammar as xgr
 
 from grok.errors import GrokError
+from grok.sampling import mask_words
 from grok.structured.spec import Choice, Ebnf, JsonObject, JsonSchema, Regex, Structure
 from grok.tokenizer import Tokenizer
 
 MAX_MESSAGE = 300  # characters of a compiler message passed on to the user
-
-
-def mask_words(vocab_size: int) -> int:
-    """int32 words of one row's packed token mask."""
-    return (vocab_size + 31) // 32
 
 
 class Vocabulary:
