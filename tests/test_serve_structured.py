@@ -113,6 +113,8 @@ def test_vllm_structured_outputs(http, outputs, check, unbounded):
     ({"response_format": {"type": "structural_tag"}}, "response_format", "type must be"),
     ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs",
      "regex does not compile: Regex parsing error"),
+    ({"structured_outputs": {"regex": "(ab"}, "response_format": None}, "structured_outputs",
+     "regex does not compile"),  # a null field names nothing
     ({"structured_outputs": {"grammar": "root ::= nothing"}}, "structured_outputs",
      "grammar does not compile"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs",

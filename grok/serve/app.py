@@ -203,8 +203,7 @@ async def _compile(service: Service, sampling: Sampling):
     spec = sampling.structure
     if spec is None:
         return None
-    param = "structured_outputs" if sampling.structure_field == "structured_outputs" \
-        else "response_format"
+    param = sampling.structure_field
     try:
         compiler = await asyncio.to_thread(service.grammars)
         return await asyncio.wrap_future(compiler.submit(spec))

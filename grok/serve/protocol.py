@@ -252,8 +252,7 @@ def _sampling(body: dict, max_tokens_names: Sequence[str], scoring: bool = False
         logit_bias=_logit_bias(body), min_tokens=_int(body, "min_tokens", 0, lo=0),
         stop_token_ids=_token_ids(body, "stop_token_ids"), prompt_logprobs=scoring,
         structure=_structure(body),
-        structure_field="response_format" if "response_format" in body
-        else "structured_outputs")
+        structure_field=_structure_field(body))
     sampling.settings(0)  # the engine's own range checks, before anything is queued
     return sampling
 
@@ -266,13 +265,19 @@ _STRUCTURE_SWITCHES = ("disable_fallback", "disable_any_whitespace",
                        "disable_additional_properties")
 
 
+def _structure_field(body: dict) -> str:
+    """The field a request's structure comes from (a null field gives none)."""
+    return "response_format" if _get(body, "response_format", None) is not None \
+        else "structured_outputs"
+
+
 def _structure(body: dict) -> Structure | None:
     """The output's structure from OpenAI's response_format or vLLM's structured_outputs."""
     fmt, outputs = _get(body, "response_format", None), _get(body, "structured_outputs", None)
     if fmt is not None and outputs is not None:
         raise bad_request("give response_format or structured_outputs, not both",
                           "structured_outputs")
-    name = "response_format" if fmt is not None else "structured_outputs"
+    name = _structure_field(body)
     try:
         if fmt is not None:
             return _response_format(fmt)
