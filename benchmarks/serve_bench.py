@@ -61,7 +61,8 @@ DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench.json"
 LONG_CONFIG = REPO / "benchmarks" / "configs" / "cpu-bench-4k.json"
 PREAMBLE, ENDING, SHARED_REQUESTS, SHARED_CONCURRENCY, SHARED_NEW = 1024, 32, 16, 4, 16
 # The streams' length outlasts the long prompt's prefill in chunks of 32 or more.
-ARRIVAL_PROMPT, ARRIVAL_STREAMS, ARRIVAL_NEW = 2048, 4, 160
+ARRIVAL_PROMPT, ARRIVAL_STREAMS = 2048, 4
+SETTLE_TOKENS = 8  # long arrival: tokens every stream has before the "before" gaps count
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "tokenizer" / "grok-1-tokenizer.model"
 MODEL = "bench"
 LONG, SHORT = 256, 16  # the mixed-length target's two requests
@@ -239,14 +240,18 @@ async def long_arrival(url: str, streams: list[list[int]], long_prompt: list[int
                        new_tokens: int) -> dict:
     """`streams` decode; once each has a few tokens, the long prompt is sent. The streams'
     gaps between tokens while it is prefilled (from its send to its first token) against
-    their median gap before it was sent."""
+    their median gap before it was sent, once all of them were decoding (the steps that
+    admitted them, prefills or chunks, are not decode steps)."""
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
         times = [[] for _ in streams]
         tasks = [asyncio.ensure_future(stream_one(client, p, new_tokens, t))
                  for p, t in zip(streams, times, strict=True)]
-        while min(len(t) for t in times) < 8:
+        while min(len(t) for t in times) < SETTLE_TOKENS:
+            await asyncio.sleep(0.002)
+        settled = time.perf_counter()
+        while min(len(t) for t in times) < 2 * SETTLE_TOKENS:
             await asyncio.sleep(0.002)
         sent = time.perf_counter()
         long_times: list[float] = []
@@ -255,12 +260,12 @@ async def long_arrival(url: str, streams: list[list[int]], long_prompt: list[int
         results = await asyncio.gather(*tasks)
     if min(r["start"] + r["times"][-1] for r in results) < first:
         raise SystemExit("a stream ended before the long prompt's first token: make the "
-                         "streams longer (ARRIVAL_NEW)")
+                         "streams longer")
     before, during = [], []
     for r in results:
         stamps = [r["start"] + t for t in r["times"]]
         for a, b in itertools.pairwise(stamps):
-            if b <= sent:
+            if settled <= a and b <= sent:
                 before.append(b - a)
             elif a < first and b > sent:
                 during.append(b - a)
@@ -273,12 +278,13 @@ async def long_arrival(url: str, streams: list[list[int]], long_prompt: list[int
 def measure_long_arrival(args, checkpoint: Path, config) -> dict:
     rng = np.random.default_rng(2)
     streams = rng.integers(3, config.vocab_size, (ARRIVAL_STREAMS, args.prompt_len)).tolist()
-    new_tokens = ARRIVAL_NEW
     max_seq_len = ARRIVAL_PROMPT + 1
     out = {}
-    for name, flags in [*((f"chunk {c}", ["--no-prefix-cache", "--prefill-chunk", str(c)])
-                          for c in args.arrival_chunks),
-                        ("whole", ["--no-prefix-cache", "--prefill-chunk", "0"])]:
+    for chunk in [*args.arrival_chunks, 0]:
+        name = f"chunk {chunk}" if chunk else "whole"
+        flags = ["--no-prefix-cache", "--prefill-chunk", str(chunk)]
+        # The streams outlast the long prompt's prefill: a step per chunk, and some more.
+        new_tokens = 2 * SETTLE_TOKENS + (ARRIVAL_PROMPT // chunk if chunk else 0) + 32
         with Server(args, checkpoint, ARRIVAL_STREAMS + 1,
                     max(max_seq_len, args.prompt_len + new_tokens), flags) as url:
             log(f"long arrival, {name}: compiling run ...")

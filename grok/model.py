@@ -100,6 +100,40 @@ def soft_cap(logits, cap: float = ATTN_SOFT_CAP):
     return cap * jnp.tanh(logits / cap)
 
 
+class Part(NamedTuple):
+    """Where one part of a step's tokens sits, as attention needs it. A step may run
+    several parts (a decode step's rows and a prompt chunk) that share every weight read
+    (`joined`) but attend apart, each to its own rows of the cache."""
+
+    positions: jax.Array  # i32[B, T]
+    key_mask: jax.Array  # bool[B, T, S]: True where the query may attend the key
+    starts: jax.Array | None  # i32[B]: the cache slot the first token goes to (no cache: None)
+    rows: jax.Array | None  # i32[B]: the cache row continued (None: row b)
+    live: jax.Array | None  # bool[B, T]: a row's first num_new tokens (None: all)
+
+
+def joined(fn, xs: tuple[jax.Array, ...], *more: tuple[jax.Array, ...]) -> tuple:
+    """`fn` applied once to the tokens of every part (xs: [B_i, T_i, ...] each; `more`:
+    further per-part inputs of the same B_i, T_i), so that the parts share its weight
+    reads; its outputs (a pytree of [B, T, ...] arrays) come back per part. One part is
+    passed as it is."""
+    if len(xs) == 1:
+        return (fn(xs[0], *(m[0] for m in more)),)
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+
+    def flat(parts):  # [1, N, ...]
+        return jnp.concatenate([p.reshape(1, n, *p.shape[2:])
+                                for p, n in zip(parts, sizes, strict=True)], axis=1)
+
+    out = fn(flat(xs), *map(flat, more))
+    offsets = np.cumsum([0, *sizes])
+
+    def part(i, x):
+        return jax.tree.map(lambda y: jax.lax.slice_in_dim(y, offsets[i], offsets[i + 1], axis=1)
+                            .reshape(x.shape[0], x.shape[1], *y.shape[2:]), out)
+    return tuple(part(i, x) for i, x in enumerate(xs))
+
+
 class Attention(hk.Module):
     """Grouped-query attention: query head h reads key/value head h // R."""
 
@@ -107,43 +141,53 @@ class Attention(hk.Module):
         super().__init__(name="multi_head_attention")
         self.config = config
 
-    def __call__(self, x, positions, key_mask, kv: tuple[jax.Array, jax.Array] | None,
-                 layer: int | jax.Array, starts, rows):
-        """x [B, T, D]; positions [B, T]; key_mask [B, T, S] (True: may attend).
+    def __call__(self, xs: tuple[jax.Array, ...],  # each part's [B, T, D]
+                 parts: tuple[Part, ...], kv: tuple[jax.Array, jax.Array] | None,
+                 layer: int | jax.Array):
+        """Each part's output [B, T, D], and the cache's keys and values.
 
-        Without a cache the keys are the T new tokens (S = T). With one (every layer's keys
-        and values, [L, B0, K, S0, C] each), the new keys and values are written at slot
-        `starts[b]` of cache row `rows[b]` (None: row b) of layer `layer`, and that row's
-        first S slots (S from key_mask: the filled part of the cache, bucketed) are
-        attended.
+        Without a cache the keys are each part's T new tokens (S = T). With one (every
+        layer's keys and values, [L, B0, K, S0, C] each), a part's new keys and values are
+        written at slot `starts[b]` of cache row `rows[b]` of layer `layer`, every part's
+        before any is read (so a later part's writes win where two parts write one slot),
+        and that row's first S slots (S from key_mask: the filled part of the cache,
+        bucketed) are attended.
         """
         cfg = self.config
-        b, t, _ = x.shape
         k_heads, r, c = cfg.num_kv_heads, cfg.q_per_kv, cfg.key_size
-        q = Linear(cfg.num_q_heads * c, name="query")(x).reshape(b, t, k_heads * r, c)
-        k = Linear(k_heads * c, name="key")(x).reshape(b, t, k_heads, c)
-        v = Linear(k_heads * c, name="value")(x).reshape(b, t, k_heads, c)
-        q = apply_rope(q, positions)  # [B, T, H, C]
-        k = apply_rope(k, positions)  # [B, T, K, C]
-
+        qs = joined(Linear(cfg.num_q_heads * c, name="query"), xs)
+        ks = joined(Linear(k_heads * c, name="key"), xs)
+        vs = joined(Linear(k_heads * c, name="value"), xs)
+        news = []
+        for x, part, q, k, v in zip(xs, parts, qs, ks, vs, strict=True):
+            b, t, _ = x.shape
+            news.append((apply_rope(q.reshape(b, t, k_heads * r, c), part.positions),
+                         apply_rope(k.reshape(b, t, k_heads, c), part.positions),
+                         v.reshape(b, t, k_heads, c)))  # [B, T, H or K, C]
         if kv is not None:
-            kv = (write_layer(kv[0], layer, k, starts, rows),
-                  write_layer(kv[1], layer, v, starts, rows))
-            s = key_mask.shape[-1]
-            k, v = (read_layer(a, layer, b if rows is None else rows, s)
-                    for a in kv)  # [B, K, S, C]
-        else:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, C]
+            for part, (_, k, v) in zip(parts, news, strict=True):
+                kv = (write_layer(kv[0], layer, k, part.starts, part.rows),
+                      write_layer(kv[1], layer, v, part.starts, part.rows))
 
-        q = q.reshape(b, t, k_heads, r, c)
-        logits = jnp.einsum("btkrc,bksc->bkrts", q, k, preferred_element_type=jnp.float32)
-        logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
-        logits = soft_cap(logits * cfg.attn_output_multiplier)
-        logits = jnp.where(key_mask[:, None, None, :, :], logits, MASK_VALUE)
-        weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
-        out = jnp.einsum("bkrts,bksc->btkrc", weights, v, preferred_element_type=jnp.float32)
-        out = out.astype(ACT_DTYPE).reshape(b, t, cfg.emb_size)
-        return Linear(cfg.emb_size, name="linear")(out), kv
+        outs = []
+        for part, (q, k, v) in zip(parts, news, strict=True):
+            b, t = q.shape[:2]
+            if kv is not None:
+                s = part.key_mask.shape[-1]
+                k, v = (read_layer(a, layer, b if part.rows is None else part.rows, s)
+                        for a in kv)  # [B, K, S, C]
+            else:
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, C]
+            q = q.reshape(b, t, k_heads, r, c)
+            logits = jnp.einsum("btkrc,bksc->bkrts", q, k, preferred_element_type=jnp.float32)
+            logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
+            logits = soft_cap(logits * cfg.attn_output_multiplier)
+            logits = jnp.where(part.key_mask[:, None, None, :, :], logits, MASK_VALUE)
+            weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
+            out = jnp.einsum("bkrts,bksc->btkrc", weights, v,
+                             preferred_element_type=jnp.float32)
+            outs.append(out.astype(ACT_DTYPE).reshape(b, t, cfg.emb_size))
+        return joined(Linear(cfg.emb_size, name="linear"), tuple(outs)), kv
 
 
 class LayerRouting(NamedTuple):
@@ -166,9 +210,12 @@ class MoE(hk.Module):
         self.config = config
         self.strategy = strategy
 
-    def __call__(self, x, router_w, experts: tuple | None = None):  # x [B, T, D]
+    def __call__(self, x, router_w, experts: tuple | None = None,
+                 live: jax.Array | None = None):  # x [B, T, D]
         """`experts`: (w_gelu, w_up, w_down) of this layer, where a scan over layers
-        passes them in (`moe.LayerExperts`); by default the module's own parameters."""
+        passes them in (`moe.LayerExperts`); by default the module's own parameters.
+        `live` (bool[B, T]; None: all): the tokens whose output is used; the others (a
+        step's padding) run through no expert with the sparse strategy."""
         cfg = self.config
         e, d, f = cfg.num_experts, cfg.emb_size, cfg.ffn_size
         if experts is None:
@@ -181,23 +228,33 @@ class MoE(hk.Module):
                                 precision=jax.lax.Precision.HIGHEST)  # [N, E]
         probs = jax.nn.softmax(router_logits, axis=-1)
         gates, chosen = jax.lax.top_k(probs, cfg.num_selected_experts)  # [N, X]
-        out = moe.dispatch(self.strategy, tokens, gates, chosen, w_gelu, w_up, w_down)
+        out = moe.dispatch(self.strategy, tokens, gates, chosen, w_gelu, w_up, w_down,
+                           None if live is None else live.reshape(b * t))
         entropy = -jnp.sum(probs * jax.nn.log_softmax(router_logits, axis=-1), axis=-1)
         routing = LayerRouting(chosen.reshape(b, t, -1).astype(jnp.int32),
                                gates.reshape(b, t, -1), entropy.reshape(b, t))
         return out.reshape(b, t, d), routing
 
 
-def decoder_layer(config: GrokConfig, moe_strategy: str, h, positions, key_mask, kv,
-                  layer: int | jax.Array, starts, rows, experts: tuple | None = None):
-    """One decoder layer on the residual stream h [B, T, D]; its modules are named relative
-    to the caller's scope (`decoder_layer_{i}` unrolled, the stack's `decoder_layer`)."""
-    a, kv = Attention(config)(RMSNorm(name="rms_norm")(h), positions, key_mask, kv, layer,
-                              starts, rows)
-    h = h + RMSNorm(name="rms_norm_1")(a)
+def decoder_layer(config: GrokConfig, moe_strategy: str, hs: tuple[jax.Array, ...],
+                  parts: tuple[Part, ...], kv, layer: int | jax.Array,
+                  experts: tuple | None = None):
+    """One decoder layer on each part's residual stream [B, T, D]; its modules are named
+    relative to the caller's scope (`decoder_layer_{i}` unrolled, the stack's
+    `decoder_layer`). Returns the new streams, the cache's keys and values, and each
+    part's `LayerRouting`."""
+    norm = RMSNorm(name="rms_norm")
+    a, kv = Attention(config)(tuple(norm(h) for h in hs), parts, kv, layer)
+    norm = RMSNorm(name="rms_norm_1")
+    hs = tuple(h + norm(x) for h, x in zip(hs, a, strict=True))
     router_w = _Weight((config.emb_size, config.num_experts), name="router")()
-    m, routing = MoE(config, moe_strategy)(RMSNorm(name="rms_norm_2")(h), router_w, experts)
-    return h + RMSNorm(name="rms_norm_3")(m), kv, routing
+    norm = RMSNorm(name="rms_norm_2")
+    lives = () if parts[0].live is None else (tuple(part.live for part in parts),)
+    moe_out = joined(lambda x, *live: MoE(config, moe_strategy)(x, router_w, experts, *live),
+                     tuple(norm(h) for h in hs), *lives)
+    norm = RMSNorm(name="rms_norm_3")
+    hs = tuple(h + norm(m) for h, (m, _) in zip(hs, moe_out, strict=True))
+    return hs, kv, tuple(routing for _, routing in moe_out)
 
 
 class Transformer(hk.Module):
@@ -211,10 +268,11 @@ class Transformer(hk.Module):
         self.mesh = mesh
         self.layers = check_layer_mode(layers)
 
-    def __call__(self, h, positions, key_mask, cache: KVCache | None, starts, rows):
-        """The residual stream after every layer, the new keys and values ([L, B, K, S, C]
-        each, or None without a cache), and the routing of every layer stacked on a layer
-        axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
+    def __call__(self, hs: tuple[jax.Array, ...], parts: tuple[Part, ...],
+                 cache: KVCache | None):
+        """Each part's residual stream after every layer, the new keys and values ([L, B,
+        K, S, C] each, or None without a cache), and each part's routing of every layer
+        stacked on a layer axis: LayerRouting of [B, T, L, X] / [B, T, L]."""
         cfg, mesh = self.config, self.mesh
         kv = None if cache is None else (cache.k, cache.v)
         stacked_experts = None
@@ -227,25 +285,25 @@ class Transformer(hk.Module):
                                    _Weight(shape_out, name="linear_1")())
 
         def layer(carry, index):
-            h, kv = carry
+            hs, kv = carry
             experts = None if stacked_experts is None else tuple(
                 moe.LayerExperts(w, index) for w in stacked_experts)
-            h, kv, routing = decoder_layer(cfg, self.moe_strategy, h, positions, key_mask, kv,
-                                           index, starts, rows, experts)
-            return (constrain(h, mesh, RESIDUAL_SPEC), kv), routing
+            hs, kv, routing = decoder_layer(cfg, self.moe_strategy, hs, parts, kv, index,
+                                            experts)
+            return (tuple(constrain(h, mesh, RESIDUAL_SPEC) for h in hs), kv), routing
 
         if self.layers == "scan":
             stack = hk.layer_stack(cfg.num_layers, with_per_layer_inputs=True,
                                    name="decoder_layer")
-            (h, kv), routing = stack(layer)((h, kv), jnp.arange(cfg.num_layers))
+            (hs, kv), routing = stack(layer)((hs, kv), jnp.arange(cfg.num_layers))
             routing = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2), routing)
-            return h, kv, routing
+            return hs, kv, routing
         routings = []
         for i in range(cfg.num_layers):
             with hk.name_scope(f"decoder_layer_{i}"):
-                (h, kv), routing = layer((h, kv), i)
+                (hs, kv), routing = layer((hs, kv), i)
             routings.append(routing)
-        return h, kv, jax.tree.map(lambda *xs: jnp.stack(xs, axis=2), *routings)
+        return hs, kv, jax.tree.map(lambda *xs: jnp.stack(xs, axis=2), *routings)
 
 
 class InOutEmbed(hk.Module):
@@ -265,6 +323,15 @@ class InOutEmbed(hk.Module):
 
     def decode(self, h):  # [B, T, D] -> [B, T, V]
         return qdot("btd,vd->btv", h, self._table())
+
+
+class Segment(NamedTuple):
+    """One part of a step that runs several (see `LanguageModel`): tokens [B, T]
+    continuing cache rows, as `LanguageModel` takes them one part at a time."""
+
+    tokens: jax.Array  # i32[B, T]
+    num_new: jax.Array | None = None  # i32[B]: real tokens per row (default: all T)
+    rows: jax.Array | None = None  # i32[B]: the cache row each continues (default: row b)
 
 
 class LanguageModel(hk.Module):
@@ -288,53 +355,79 @@ class LanguageModel(hk.Module):
         above every row's new length, and the cache must have room for the new tokens.
         `rows` (i32[B]) makes token row b continue cache row `rows[b]` instead: a prefill
         into chosen slots of a decode state; a row out of range (padding) writes nothing.
+
+        `tokens` may instead be a tuple of `Segment`s (with a cache, `num_new` and `rows`
+        then given per segment): parts of different shapes, such as a decode step's rows
+        and a prompt's chunk, that run as one step sharing every weight read. Logits and
+        routing then come back per segment; where two segments write one cache slot, the
+        later one's write is kept (each segment's rows must differ from the others' but
+        for rows that are not in use).
         """
         cfg = self.config
-        b, t = tokens.shape
-        valid = tokens > cfg.pad_token  # [B, T]: the release masks pad keys
-        if cache is None:
-            starts = None
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            key_valid = valid  # [B, S=T]
-        elif rows is None:  # the tokens continue the cache's first B rows
-            starts = cache.lengths[:b]
-            positions = starts[:, None] + jnp.arange(t)[None, :]
-            key_valid = write_rows(cache.key_valid[:b], valid, starts)  # [B, S]
-        else:  # they continue rows `rows`
-            starts = cache.lengths.at[rows].get(mode="fill", fill_value=0)
-            positions = starts[:, None] + jnp.arange(t)[None, :]
-            key_valid = write_rows(cache.key_valid.at[rows].get(mode="fill", fill_value=False),
-                                   valid, starts)
-        attend = key_valid.shape[1] if attend_len is None else attend_len
-        slots = jnp.arange(attend)
-        key_mask = ((slots[None, None, :] <= positions[:, :, None])
-                    & key_valid[:, None, :attend])  # [B, T, S]
+        several = isinstance(tokens, tuple)
+        segments = tokens if several else (Segment(tokens, num_new, rows),)
+        if several and (cache is None or num_new is not None or rows is not None):
+            raise ValueError("segments continue a cache and carry their own num_new and rows")
+        parts, valids = [], []
+        for seg in segments:
+            b, t = seg.tokens.shape
+            valid = seg.tokens > cfg.pad_token  # [B, T]: the release masks pad keys
+            if cache is None:
+                starts = None
+                positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+                key_valid = valid  # [B, S=T]
+            elif seg.rows is None:  # the tokens continue the cache's first B rows
+                starts = cache.lengths[:b]
+                positions = starts[:, None] + jnp.arange(t)[None, :]
+                key_valid = write_rows(cache.key_valid[:b], valid, starts)  # [B, S]
+            else:  # they continue rows `rows`
+                starts = cache.lengths.at[seg.rows].get(mode="fill", fill_value=0)
+                positions = starts[:, None] + jnp.arange(t)[None, :]
+                key_valid = write_rows(
+                    cache.key_valid.at[seg.rows].get(mode="fill", fill_value=False),
+                    valid, starts)
+            slots = jnp.arange(key_valid.shape[1] if attend_len is None else attend_len)
+            key_mask = ((slots[None, None, :] <= positions[:, :, None])
+                        & key_valid[:, None, :slots.shape[0]])  # [B, T, S]
+            live = None  # every token real (one segment without num_new)
+            if seg.num_new is not None or several:  # segments all say, to be joined
+                real = jnp.full((b,), t) if seg.num_new is None else seg.num_new
+                live = jnp.arange(t)[None, :] < real[:, None]
+            parts.append(Part(positions, key_mask, starts, seg.rows, live))
+            valids.append(key_valid)
 
         embed = InOutEmbed(cfg)
         mesh = self.transformer.mesh
         # Rows come out of the table split along D like it; gather them whole, then split
         # by batch (a direct reshuffle is one XLA can only do by replicating anyway).
-        h = constrain(embed.embed(tokens), mesh, REPLICATED_SPEC)  # [B, T, D]
-        h = constrain(h * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
-        h, kv, routing = self.transformer(h, positions, key_mask, cache, starts, rows)
-        h = RMSNorm(name="rms_norm")(h)
-        logits = embed.decode(h) * cfg.output_multiplier_scale  # [B, T, V]
+        hs = tuple(constrain(constrain(embed.embed(seg.tokens), mesh, REPLICATED_SPEC)
+                             * cfg.embedding_multiplier_scale, mesh, RESIDUAL_SPEC)
+                   for seg in segments)  # [B, T, D] each
+        hs, kv, routing = self.transformer(hs, tuple(parts), cache)
+        norm = RMSNorm(name="rms_norm")
+        logits = tuple(out * cfg.output_multiplier_scale  # [B, T, V]
+                       for out in joined(embed.decode, tuple(norm(h) for h in hs)))
 
-        if cache is None:
-            new_cache = None
-        else:
-            num_new = jnp.full((b,), t, jnp.int32) if num_new is None else num_new
-            index = slice(None, b) if rows is None else rows
-            new_cache = KVCache(*kv, cache.lengths.at[index].add(num_new, mode="drop"),
-                                cache.key_valid.at[index].set(key_valid, mode="drop"))
+        new_cache = None
+        if cache is not None:
+            lengths, key_valid = cache.lengths, cache.key_valid
+            for seg, valid in zip(segments, valids, strict=True):
+                b, t = seg.tokens.shape
+                added = jnp.full((b,), t, jnp.int32) if seg.num_new is None else seg.num_new
+                index = slice(None, b) if seg.rows is None else seg.rows
+                lengths = lengths.at[index].add(added, mode="drop")
+                key_valid = key_valid.at[index].set(valid, mode="drop")
+            new_cache = KVCache(*kv, lengths, key_valid)
+        if not several:
+            logits, routing = logits[0], routing[0]
         return (logits, new_cache, routing) if with_routing else (logits, new_cache)
 
 
 def build(config: GrokConfig, moe_strategy: str = "sparse", mesh: Mesh | None = None,
           layers: str = "unrolled") -> hk.Transformed:
     """The transformed model: `apply(params, tokens, cache=None, num_new=None,
-    attend_len=None, with_routing=False, rows=None)` (see `LanguageModel`), for parameters
-    of the `layers` tree (`grok.layers`).
+    attend_len=None, with_routing=False, rows=None)` (see `LanguageModel`; `tokens` may be
+    a tuple of `Segment`s), for parameters of the `layers` tree (`grok.layers`).
 
     With a mesh, activations are pinned to batch-over-`data` placements.
     """

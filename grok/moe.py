@@ -105,15 +105,16 @@ def expert_ffn(e, x, w_gelu, w_up, w_down):
     return _ffn(x, _indexed(w_gelu, e), _indexed(w_up, e), _indexed(w_down, e))
 
 
-def dense(x, gates, chosen, w_gelu, w_up, w_down):
-    """x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D]."""
+def dense(x, gates, chosen, w_gelu, w_up, w_down, live=None):
+    """x [N, D]; gates, chosen [N, X]; w_gelu, w_up [E, D, F]; w_down [E, F, D]. Every
+    token through every expert, `live` or not (the release's way, kept as the oracle)."""
     out = jnp.stack([_ffn(x, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e))
                      for e in range(num_experts(w_gelu))], axis=1)  # [N, E, D]
     picked = jnp.take_along_axis(out, chosen[:, :, None], axis=1)  # [N, X, D]
     return combine(picked, gates)
 
 
-def per_expert(x, gates, chosen, w_gelu, w_up, w_down):
+def per_expert(x, gates, chosen, w_gelu, w_up, w_down, live=None):
     """Every expert some token chose, once, on all N rows; a `cond` skips the rest.
 
     With few rows an expert costs the reading of its weights, whatever N, so this reads
@@ -125,6 +126,8 @@ def per_expert(x, gates, chosen, w_gelu, w_up, w_down):
     picked = jnp.zeros((n, num_chosen, x.shape[1]), x.dtype)  # [N, X, D]
     for e in range(num_experts(w_gelu)):
         hit = chosen == e  # [N, X]
+        if live is not None:
+            hit = hit & live[:, None]
         out = jax.lax.cond(
             jnp.any(hit),
             lambda e=e: _ffn(x, _expert(w_gelu, e), _expert(w_up, e), _expert(w_down, e)),
@@ -133,35 +136,39 @@ def per_expert(x, gates, chosen, w_gelu, w_up, w_down):
     return combine(picked, gates)
 
 
-def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
-    """Copies sorted by expert into tiles of `tile` rows, one expert per tile."""
+def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int, live=None):
+    """Copies sorted by expert into tiles of `tile` rows, one expert per tile; the copies
+    of tokens that are not `live` form a last group whose tiles never run."""
     n, d = x.shape
     num_chosen = chosen.shape[1]
     experts = num_experts(w_gelu)
+    groups = experts + 1
     copies = n * num_chosen
     expert_of_copy = chosen.reshape(-1)  # [N*X]
+    if live is not None:
+        expert_of_copy = jnp.where(jnp.repeat(live, num_chosen), expert_of_copy, experts)
     order = jnp.argsort(expert_of_copy, stable=True)  # copies grouped by expert
     sorted_expert = expert_of_copy[order]
 
-    # Each expert's group is padded to whole tiles; `slot` is a sorted copy's row there.
-    counts = jnp.bincount(expert_of_copy, length=experts)  # [E]
+    # Each group is padded to whole tiles; `slot` is a sorted copy's row there.
+    counts = jnp.bincount(expert_of_copy, length=groups)  # [E + 1]
     tiles_per_expert = -(-counts // tile)
     tile_end = jnp.cumsum(tiles_per_expert)  # [E]: first tile after expert e's
     first_tile = tile_end - tiles_per_expert
     rank = jnp.arange(copies) - (jnp.cumsum(counts) - counts)[sorted_expert]
     slot = first_tile[sorted_expert] * tile + rank  # [N*X]
 
-    # Enough tiles for any routing: full tiles plus one partial tile per expert.
-    num_tiles = -(-copies // tile) + experts
+    # Enough tiles for any routing: full tiles plus one partial tile per group.
+    num_tiles = -(-copies // tile) + groups
     source = jnp.full((num_tiles * tile,), n).at[slot].set(order // num_chosen)
     rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[source]  # row n: padding
     tile_expert = jnp.minimum(
         jnp.searchsorted(tile_end, jnp.arange(num_tiles), side="right"), experts - 1)
-    used = jnp.arange(num_tiles) < tile_end[-1]
+    used = jnp.arange(num_tiles) < tile_end[experts - 1]  # the last group's never run
 
     def run_tile(args):
-        xt, e, live = args
-        return jax.lax.cond(live, lambda: expert_ffn(e, xt, w_gelu, w_up, w_down),
+        xt, e, runs = args
+        return jax.lax.cond(runs, lambda: expert_ffn(e, xt, w_gelu, w_up, w_down),
                             lambda: jnp.zeros_like(xt))
 
     out = jax.lax.map(run_tile, (rows.reshape(num_tiles, tile, d), tile_expert, used))
@@ -170,21 +177,23 @@ def grouped(x, gates, chosen, w_gelu, w_up, w_down, tile: int):
     return combine(per_copy_out.reshape(n, num_chosen, d), gates)
 
 
-def sparse(x, gates, chosen, w_gelu, w_up, w_down):
+def sparse(x, gates, chosen, w_gelu, w_up, w_down, live=None):
     """Only the chosen experts' work: per expert on all rows while there are no more copies
-    than experts (each expert read at most once either way), tiles by expert beyond that."""
+    than experts (each expert read at most once either way), tiles by expert beyond that.
+    `live` (bool[N]; None: all) marks the tokens whose output is used: the others (a
+    step's padding) run through no expert, and their output is zero."""
     copies = chosen.size
     if copies <= num_experts(w_gelu):
-        return per_expert(x, gates, chosen, w_gelu, w_up, w_down)
+        return per_expert(x, gates, chosen, w_gelu, w_up, w_down, live)
     # Aim for about one tile per expert group, within [8, 128] rows.
     tile = int(min(128, max(8, 1 << (-(-copies // num_experts(w_gelu)) - 1).bit_length())))
-    return grouped(x, gates, chosen, w_gelu, w_up, w_down, tile=tile)
+    return grouped(x, gates, chosen, w_gelu, w_up, w_down, tile=tile, live=live)
 
 
 STRATEGIES = {"dense": dense, "sparse": sparse}
 
 
-def dispatch(strategy: str, x, gates, chosen, w_gelu, w_up, w_down):
+def dispatch(strategy: str, x, gates, chosen, w_gelu, w_up, w_down, live=None):
     if strategy not in STRATEGIES:
         raise GrokError(f"unknown MoE strategy {strategy!r}; expected one of {list(STRATEGIES)}")
-    return STRATEGIES[strategy](x, gates, chosen, w_gelu, w_up, w_down)
+    return STRATEGIES[strategy](x, gates, chosen, w_gelu, w_up, w_down, live)

@@ -15,7 +15,9 @@ from grok.kv_cache import init_cache
 from grok.model import (
     Attention,
     MoE,
+    Part,
     RMSNorm,
+    Segment,
     abstract_params,
     apply_rope,
     build,
@@ -186,7 +188,7 @@ ATTN_CFG = dataclasses.replace(NANO, num_q_heads=6, num_kv_heads=2, key_size=8, 
 
 def _attention_fn(cfg):
     def f(x, positions, key_mask):
-        out, kv = Attention(cfg)(x, positions, key_mask, None, 0, None, None)
+        (out,), kv = Attention(cfg)((x,), (Part(positions, key_mask, None, None, None),), None, 0)
         assert kv is None
         return out
     return hk.without_apply_rng(hk.transform(f))
@@ -571,6 +573,42 @@ def test_kv_cache_matches_full_forward(nano):
     # the cache really is used: the last token without its context (at position 0) differs
     alone = np.asarray(apply(params, jnp.asarray(np.roll(seq0, 1)[None]))[0])[0, 0]
     assert ulp_distance(alone, full[0, T - 1]).max() > 2
+
+
+def test_segments_share_a_step_and_give_the_numbers_of_separate_steps(nano):
+    """A decode step's rows and a prompt into a free row as one step (`Segment`s, the
+    engine's mixed step) against the two as separate steps: the same logits and cache. Row
+    3 is free in the decode segment (its write is meaningless) and is the prompt's: the
+    prompt's writes, later, must win. Tolerance as test_kv_cache_matches_full_forward (the
+    joined step multiplies 10 tokens where each alone multiplies 4 and 6); measured
+    bit-identical."""
+    params, apply = nano
+    into = jax.jit(lambda p, tokens, cache, num_new, rows: build(NANO).apply(
+        p, tokens, cache, num_new, rows=rows))
+    rng = np.random.default_rng(14)
+    cache = init_cache(NANO, 4, max_len=16)
+    first = rng.integers(1, NANO.vocab_size, (2, 5))
+    _, cache = into(params, jnp.asarray(first), cache, jnp.asarray([5, 3], jnp.int32),
+                    jnp.asarray([0, 1], jnp.int32))
+    step = jnp.asarray(rng.integers(1, NANO.vocab_size, (4, 1)))
+    on = jnp.asarray([1, 1, 0, 0], jnp.int32)
+    prompt = jnp.asarray(rng.integers(1, NANO.vocab_size, (1, 6)))
+    six, row3 = jnp.asarray([6], jnp.int32), jnp.asarray([3], jnp.int32)
+
+    decoded, apart = apply(params, step, cache, on)
+    prompted, apart = into(params, prompt, apart, six, row3)
+    (decoded_j, prompted_j), joined = apply(
+        params, (Segment(step, on), Segment(prompt, six, row3)), cache)
+
+    for got, want in ((decoded_j[:2], decoded[:2]), (prompted_j, prompted)):
+        dist = ulp_distance(np.asarray(got), np.asarray(want))
+        assert dist.max() <= 2 and np.mean(dist > 0) <= 0.01, dist.max()
+    np.testing.assert_array_equal(joined.lengths, [6, 4, 0, 6])
+    np.testing.assert_array_equal(joined.key_valid, apart.key_valid)
+    for a, b in ((joined.k, apart.k), (joined.v, apart.v)):
+        # Row 2 took the free row's meaningless write in both; rows 0, 1 and 3 hold keys.
+        dist = ulp_distance(np.asarray(a[:, [0, 1, 3]]), np.asarray(b[:, [0, 1, 3]]))
+        assert dist.max() <= 2 and np.mean(dist > 0) <= 0.01, dist.max()
 
 
 # --- the real model's parameter tree ----------------------------------------------------

@@ -63,6 +63,21 @@ def test_sparse_matches_dense(weights, n, kind, layout):
     assert_close_bf16(got, want)
 
 
+@pytest.mark.parametrize("n", [3, 37])  # the per-expert and the tiled path
+@pytest.mark.parametrize("layout", ["stacked", "per-expert"])
+def test_padding_runs_through_no_expert(weights, n, layout):
+    """Tokens that are not live (a step's padding) come out zero, which no expert's output
+    gives, while the live ones get dense's numbers."""
+    x = jnp.asarray(np.random.default_rng(n + 1).normal(size=(n, D)), jnp.bfloat16)
+    gates, chosen = routing(n, "random")
+    live = np.random.default_rng(n).random(n) < 0.6
+    w = weights if layout == "stacked" else tuple(split(a) for a in weights)
+    got = np.asarray(jax.jit(moe.sparse)(x, gates, chosen, *w, jnp.asarray(live)), np.float32)
+    want = moe.dense(x, gates, chosen, *weights)
+    assert_close_bf16(got[live], np.asarray(want, np.float32)[live])
+    assert np.all(got[~live] == 0) and np.all(np.abs(got[live]).max(axis=1) > 0)
+
+
 @pytest.mark.parametrize("tile", [1, 8, 128])
 def test_grouped_tiles_of_any_size(weights, tile):
     """Tiles smaller than, equal to and larger than the expert groups."""
@@ -77,7 +92,8 @@ def test_grouped_tiles_of_any_size(weights, tile):
 def test_dispatch_picks_by_token_count(weights, monkeypatch):
     calls = []
     monkeypatch.setattr(moe, "per_expert", lambda *a: calls.append("per_expert") or a[0])
-    monkeypatch.setattr(moe, "grouped", lambda *a, tile: calls.append(("grouped", tile)) or a[0])
+    monkeypatch.setattr(moe, "grouped",
+                        lambda *a, tile, live: calls.append(("grouped", tile)) or a[0])
     x = jnp.zeros((4, D), jnp.bfloat16)
     gates, chosen = routing(4, "random")
     moe.sparse(x, gates, chosen, *weights)  # 8 copies for 8 experts: one each

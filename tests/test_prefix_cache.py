@@ -97,6 +97,29 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prefills(grok, baseline, chun
         assert_same(run(engine, PROMPTS, settings)[0], baseline[settings])
 
 
+def test_chunks_riding_in_decode_steps_give_the_tokens_of_whole_prefills(grok, baseline):
+    """Two requests decode while two more are prefilled 8 tokens a step inside the decode
+    steps: all four get the tokens of whole prefills, greedy and seeded."""
+    engine = grok.engine(SLOTS, MAX_LEN, prefill_chunk=8)
+    order = [5, 4, 2, 0]  # 30 and 17 tokens first, then 37 and 25
+    for settings in (GREEDY, SEEDED):
+        scheduler = Scheduler(engine)
+        ids = {scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
+               for i in order[:2]}
+        out = {}
+        for step in range(100):
+            if step == 1:
+                ids.update({scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
+                            for i in order[2:]})
+            for event in scheduler.step():
+                if event.completion is not None:
+                    out[ids[event.request_id]] = event.completion
+            if not scheduler.has_work:
+                break
+        assert_same([out[i] for i in order], [baseline[settings][i] for i in order])
+        assert scheduler.stats.mixed_steps >= 5  # the 37-token prompt's chunks at least
+
+
 def test_a_long_prompt_does_not_stall_running_requests(grok):
     """While a 37-token prompt is prefilled 8 tokens a step, every running request gets a
     token at every step."""
@@ -110,8 +133,12 @@ def test_a_long_prompt_does_not_stall_running_requests(grok):
     for step in range(5):  # 37 tokens: chunks of 8, 8, 8, 8, 5
         events = scheduler.step()
         assert sorted(e.request_id for e in events if e.request_id in short) == short
-        # Its first token comes with the last chunk (and a decode step's, in the same step).
-        assert any(e.request_id == long for e in events) == (step == 4)
+        # Its first token comes with the last chunk, first among the step's events.
+        assert [e.request_id for e in events].count(long) == (step == 4)
+        assert (events[0].request_id == long) == (step == 4)
+    # Each chunk rode in a decode step: no step of its own (the first step's decode
+    # followed the two short prompts' prefill).
+    assert scheduler.stats.mixed_steps == 5 and scheduler.stats.decode_steps == 6
 
 
 def test_a_request_cancelled_mid_prefill_frees_its_slot_and_blocks(grok):

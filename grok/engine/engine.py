@@ -4,11 +4,12 @@ The contract (after JetStream's engine API, with its prefill and insert as one p
 `prefill` runs a few prompts (or a part of each: `PrefillRow`) through the model straight
 into their slots of the persistent `DecodeState` (rows of one KV cache of `slots` x
 `max_seq_len`), donated and updated in place, and draws each one's first token; `generate`
-advances every slot in use by one token. A prefill may continue what a slot's cache
-already holds (an earlier chunk of a long prompt, or a cached prefix that `load_blocks`
-copied in from the prefix cache's pool; `save_blocks` copies full blocks out to it). The
-engine keeps no notion of requests: which slot holds what, and when a row is done, is the
-scheduler's business (`grok.engine.scheduler`).
+advances every slot in use by one token; `prefill_and_generate` does both in one pass of the
+model (a prompt's chunk riding along with a decode step). A prefill may continue what a
+slot's cache already holds (an earlier chunk of a long prompt, or a cached prefix that
+`load_blocks` copied in from the prefix cache's pool; `save_blocks` copies full blocks out
+to it). The engine keeps no notion of requests: which slot holds what, and when a row is
+done, is the scheduler's business (`grok.engine.scheduler`).
 
 Shapes are bucketed so that a few compiled programs serve every request: prefill batches and
 the decode rows to powers of two (padded to the mesh's data axis), prompt lengths and the
@@ -38,6 +39,7 @@ from grok.engine.prefix_cache import POOL_SPECS, BlockPool, PrefixCache
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, init_cache
+from grok.model import Segment
 from grok.quant import storage_dtype
 from grok.routing import Tally, tally
 from grok.sampling import (
@@ -369,31 +371,57 @@ class Engine:
                 not 0 <= r.start < r.stop <= len(r.request.prompt_ids) for r in rows):
             raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
                              "slots")
-        arrays = self._prefill_inputs(batch, length)
-        (index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets,
-         masks) = arrays
-        index[:n] = slots  # the padding rows' slot is out of range: their writes are dropped
-        for i, r in enumerate(rows):
-            s = r.request.settings
-            starts[i] = r.start
-            tokens[i, : r.stop - r.start] = r.request.prompt_ids[r.start:r.stop]
-            lengths[i] = r.stop - r.start
-            seeds[i] = _seed_bits(s.seed)
-            sampling.temperature[i], sampling.top_p[i], sampling.top_k[i] = \
-                s.temperature, s.top_p, s.top_k
-            allowed[i] = allowed_mask(self.config, s, self.grok.tokenizer)
-            fill_controls(controls, i, r.request, self.config.eos_token)
-            if s.prompt_logprobs:  # each position's next prompt token
-                ahead = r.request.prompt_ids[r.start + 1:r.stop + 1]
-                targets[i, :len(ahead)] = ahead
-            if r.mask is not None:
-                masks[i] = r.mask
+        arrays = self._prefill_arrays(rows, batch, length)
         args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
         state, first, tally, scores = self._prefill_step(key, args)(*args)
         scored = any(r.request.settings.prompt_logprobs for r in rows)
         first, tally, scores = jax.device_get((first, tally, scores if scored else None))
         self._count("prefill", tally)
         return state, first, scores
+
+    def prefill_and_generate(self, part: PrefillRow, state: DecodeState, active: jax.Array,
+                             rows: int, filled: int,
+                             masks: dict[int, np.ndarray] | None = None
+                             ) -> tuple[DecodeState, Sample, Sample, PromptScores | None]:
+        """`generate` and a `prefill` of one prompt part of at most `mixed_length` tokens
+        as one step, in which the model reads its weights once for both: a decode step
+        reads every weight whatever its rows, so the part costs little more than its own
+        arithmetic, where a prefill step of its own would read them all again. Arguments
+        as `generate` (`filled` for the decoding rows); returns the new state, the decode
+        draws, the part's draw and its `PromptScores` (as `prefill`). Only while
+        `mixes`."""
+        if not self.mixes:
+            raise ValueError("steps mix a prefill in only with a prefill chunk, outside "
+                             "deterministic steps")
+        length = self.mixed_length
+        if not (0 <= part.slot < self.slots and 0 <= part.start < part.stop
+                <= len(part.request.prompt_ids) and part.stop - part.start <= length):
+            raise ValueError(f"bad part {part[1:]} for {self.slots} slots and parts of at "
+                             f"most {length}")
+        attend = self.attend_bucket(max(filled, part.stop))
+        arrays = self._prefill_arrays([part], self._row_buckets[0], length)
+        args = (self.grok.params, state, active, self._token_masks(rows, masks),
+                *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
+        state, drawn, first, decode_tally, prefill_tally, scores = \
+            self._mixed_step(rows, attend, args)(*args)
+        scored = part.request.settings.prompt_logprobs
+        drawn, first, decode_tally, prefill_tally, scores = jax.device_get(
+            (drawn, first, decode_tally, prefill_tally, scores if scored else None))
+        self._count("decode", decode_tally)
+        self._count("prefill", prefill_tally)
+        return state, drawn, first, scores
+
+    @property
+    def mixes(self) -> bool:
+        """Whether prompt parts run inside decode steps (`prefill_and_generate`): with a
+        prefill chunk, except in deterministic steps, whose one shape they would break."""
+        return self.prefill_chunk is not None and not self.deterministic
+
+    @property
+    def mixed_length(self) -> int:
+        """The prompt tokens a mixed step's part holds (with a prefill chunk): the chunk's
+        bucket."""
+        return self.prompt_bucket(self.prefill_chunk)
 
     def load_blocks(self, state: DecodeState, cache: PrefixCache, slot: int,
                     blocks: Sequence[int], prompt_ids: Sequence[int]) -> DecodeState:
@@ -477,6 +505,8 @@ class Engine:
             keys += [("prefill", batch, length) for length in lengths
                      if batch <= self.max_prefill_batch(length)]
             keys += [("decode", batch, attend) for attend in self.attend_buckets()]
+            if self.mixes:
+                keys += [("mixed", batch, attend) for attend in self.attend_buckets()]
         if self.prefill_chunk is not None or cache is not None:
             # A prompt continued one row at a time: after a chunk, or a cached prefix.
             keys += [("extend", self._row_buckets[0], length, attend) for length in lengths
@@ -521,11 +551,16 @@ class Engine:
             if kind == "load_blocks":
                 args += (scalar, self._abstract((self.max_seq_len,), jnp.bool_, REPLICATED))
             return self._blocks_step(kind, cache, args)
-        if kind == "decode":
+        if kind in ("decode", "mixed"):
             rows, attend = shape
-            return self._decode_step(rows, attend, (
-                params, state, self._abstract((self.slots,), jnp.bool_, ROWS),
-                self._abstract((rows, self.mask_words), jnp.int32, ROWS_BY_WORD)))
+            args = (params, state, self._abstract((self.slots,), jnp.bool_, ROWS),
+                    self._abstract((rows, self.mask_words), jnp.int32, ROWS_BY_WORD))
+            if kind == "decode":
+                return self._decode_step(rows, attend, args)
+            return self._mixed_step(rows, attend, (*args, *jax.tree.map(
+                lambda a, spec: self._abstract(a.shape, a.dtype, spec),
+                self._prefill_inputs(self._row_buckets[0], self.mixed_length),
+                PREFILL_INPUT_SPECS)))
         raise ValueError(f"unknown program key {key!r}")
 
     def state_shapes(self) -> DecodeState:
@@ -539,9 +574,9 @@ class Engine:
 
     def programs(self) -> dict[tuple, jax.stages.Compiled]:
         """Every program compiled so far, by key: ("init",), ("prefill", batch, length),
-        ("extend", batch, length, attend), ("decode", rows, attend), ("load_blocks",
-        settings), ("save_blocks", settings). For sizing and inspection
-        (`memory_analysis`, `as_text`)."""
+        ("extend", batch, length, attend), ("decode", rows, attend), ("mixed", rows,
+        attend), ("load_blocks", settings), ("save_blocks", settings). For sizing and
+        inspection (`memory_analysis`, `as_text`)."""
         return dict(self._compiled)
 
     # --- one compiled program per step and shape (serving and warmup alike) ---------------
@@ -561,6 +596,29 @@ class Engine:
                 neutral_controls(batch, self.config.vocab_size),
                 np.full((batch, length), -1, np.int32),
                 np.full((batch, self.mask_words), -1, np.int32))
+
+    def _prefill_arrays(self, rows: Sequence[PrefillRow], batch: int, length: int) -> tuple:
+        """`_prefill_inputs` with rows filled in from each `PrefillRow`."""
+        arrays = self._prefill_inputs(batch, length)
+        (index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets,
+         masks) = arrays
+        index[:len(rows)] = [r.slot for r in rows]  # padding rows' slot is out of range:
+        for i, r in enumerate(rows):                # their writes are dropped
+            s = r.request.settings
+            starts[i] = r.start
+            tokens[i, : r.stop - r.start] = r.request.prompt_ids[r.start:r.stop]
+            lengths[i] = r.stop - r.start
+            seeds[i] = _seed_bits(s.seed)
+            sampling.temperature[i], sampling.top_p[i], sampling.top_k[i] = \
+                s.temperature, s.top_p, s.top_k
+            allowed[i] = allowed_mask(self.config, s, self.grok.tokenizer)
+            fill_controls(controls, i, r.request, self.config.eos_token)
+            if s.prompt_logprobs:  # each position's next prompt token
+                ahead = r.request.prompt_ids[r.start + 1:r.stop + 1]
+                targets[i, :len(ahead)] = ahead
+            if r.mask is not None:
+                masks[i] = r.mask
+        return arrays
 
     def _init_step(self):
         return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
@@ -585,14 +643,17 @@ class Engine:
                                    args, f"decode step (rows {rows}, attending {attend})",
                                    donate=(1,))
 
+    def _mixed_step(self, rows: int, attend: int, args):
+        return self._compiled_step(("mixed", rows, attend), self._mixed_fn(rows, attend), args,
+                                   f"decode step with a prompt part (rows {rows}, part "
+                                   f"{self.mixed_length}, attending {attend})", donate=(1,))
+
     # --- the traced functions -------------------------------------------------------------
 
     def _init_fn(self):
         return init_state_fn(self.config, self.slots, self.max_seq_len, self.cache_dtype)
 
     def _prefill_fn(self, attend: int):
-        grok = self.grok
-
         def prefill(params, state: DecodeState, slots, starts, tokens, lengths, seeds,
                     sampling, allowed, controls, targets, masks):
             """Rows [Bp] continue their slots `slots` (out of range: padding) from
@@ -600,35 +661,14 @@ class Engine:
             Where a row scores its prompt, `targets` [Bp, T] holds each position's next
             prompt token; with none, the step skips scoring. `masks` [Bp, ceil(V / 32)]
             narrow this draw only (a grammar's first token); `allowed` is the request's."""
-            cache = state.cache
-            kept = (cache.key_valid.at[slots].get(mode="fill", fill_value=False)
-                    & (jnp.arange(cache.max_len)[None, :] < starts[:, None]))  # [Bp, S]
-            cache = cache._replace(lengths=cache.lengths.at[slots].set(starts, mode="drop"),
-                                   key_valid=cache.key_valid.at[slots].set(kept, mode="drop"))
-            logits, cache, routing = grok.model.apply(params, tokens, cache, num_new=lengths,
-                                                      attend_len=attend, with_routing=True,
-                                                      rows=slots)
-            last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
-            last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
-            none = jnp.zeros_like(lengths)  # tokens generated before the first
-            counts = jnp.zeros(allowed.shape, jnp.int32)
-            drawable = allowed & unpack_token_mask(masks, allowed.shape[1])
-            first = sample(last.astype(jnp.float32), _keys(seeds, none), sampling,
-                           bar_stop_tokens(drawable, controls, none), controls, counts)
-
-            def put(full, rows):  # per-slot values [B, ...] <- [Bp, ...]
-                return full.at[slots].set(rows, mode="drop")
-
-            state = DecodeState(
-                cache, put(state.tokens, first.tokens),
-                put(state.steps, jnp.zeros_like(lengths)), put(state.seeds, seeds),
-                SamplingParams(*(put(a, b) for a, b in zip(state.sampling, sampling,
-                                                           strict=True))),
-                put(state.allowed, allowed),
-                Controls(*(put(a, b) for a, b in zip(state.controls, controls, strict=True))),
-                put(state.counts, count_tokens(counts, first.tokens, jnp.ones_like(lengths))))
-            real = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]  # [Bp, T]
-            return state, first, self._tally(routing, real), score_positions(logits, targets)
+            cache = _forget_past(state.cache, slots, starts)
+            logits, cache, routing = self.grok.model.apply(
+                params, tokens, cache, num_new=lengths, attend_len=attend, with_routing=True,
+                rows=slots)
+            state, first = _prefilled(state._replace(cache=cache), logits, slots, lengths,
+                                      seeds, sampling, allowed, controls, masks)
+            return (state, first, self._tally(routing, _real(tokens, lengths)),
+                    score_positions(logits, targets))
         return prefill
 
     def _tally(self, routing, real) -> Tally | None:
@@ -638,34 +678,40 @@ class Engine:
         return tally(routing, real, self.config.num_experts)
 
     def _decode_fn(self, rows: int, attend: int):
-        grok = self.grok
-
         def decode(params, state: DecodeState, active, masks):
             """Feeds each of the first `rows` slots its last token; free slots add
             nothing to the cache (num_new 0) and their draws are ignored. `masks`
             [rows, ceil(V / 32)]: packed tokens each row may draw this step."""
             on = active[:rows]
-            steps = state.steps[:rows] + on
-            logits, cache, routing = grok.model.apply(
+            logits, cache, routing = self.grok.model.apply(
                 params, state.tokens[:rows, None], state.cache, num_new=on.astype(jnp.int32),
                 attend_len=attend, with_routing=True)
-            sampling = SamplingParams(*(x[:rows] for x in state.sampling))
-            controls = Controls(*(x[:rows] for x in state.controls))
-            counts = state.counts[:rows]
-            # `steps`: the tokens each row generated before this draw.
-            allowed = bar_stop_tokens(
-                state.allowed[:rows] & unpack_token_mask(masks, state.allowed.shape[1]),
-                controls, steps)
-            drawn = sample(logits[:, 0].astype(jnp.float32),
-                           _keys(state.seeds[:rows], steps), sampling, allowed, controls,
-                           counts)
-            counts = count_tokens(counts, drawn.tokens, on.astype(jnp.int32))
-            state = state._replace(cache=cache,
-                                   tokens=state.tokens.at[:rows].set(drawn.tokens),
-                                   steps=state.steps.at[:rows].set(steps),
-                                   counts=state.counts.at[:rows].set(counts))
+            state, drawn = _decoded(state._replace(cache=cache), logits, on, masks)
             return state, drawn, self._tally(routing, on[:, None])
         return decode
+
+    def _mixed_fn(self, rows: int, attend: int):
+        def mixed(params, state: DecodeState, active, masks, slots, starts, tokens, lengths,
+                  seeds, sampling, allowed, controls, targets, prefill_masks):
+            """A decode step of the first `rows` slots (as `decode`) and a prefill (as
+            `prefill`) in one pass of the model. A prefilled slot is not decoding, so
+            the two touch different slots, but for a free row among the first `rows`:
+            its decode part writes a meaningless key at the slot's start, which the
+            prefill part, written after it, overwrites."""
+            on = active[:rows]
+            cache = _forget_past(state.cache, slots, starts)
+            (decode_logits, prefill_logits), cache, (decode_routing, prefill_routing) = \
+                self.grok.model.apply(
+                    params, (Segment(state.tokens[:rows, None], on.astype(jnp.int32)),
+                             Segment(tokens, lengths, slots)),
+                    cache, attend_len=attend, with_routing=True)
+            state, drawn = _decoded(state._replace(cache=cache), decode_logits, on, masks)
+            state, first = _prefilled(state, prefill_logits, slots, lengths, seeds, sampling,
+                                      allowed, controls, prefill_masks)
+            return (state, drawn, first, self._tally(decode_routing, on[:, None]),
+                    self._tally(prefill_routing, _real(tokens, lengths)),
+                    score_positions(prefill_logits, targets))
+        return mixed
 
     # --- compiling and placing --------------------------------------------------------------
 
@@ -693,6 +739,8 @@ class Engine:
                 "prefill": (self._state_shardings, sample_out, tally_out, scores_out),
                 "extend": (self._state_shardings, sample_out, tally_out, scores_out),
                 "decode": (self._state_shardings, sample_out, tally_out),
+                "mixed": (self._state_shardings, sample_out, sample_out, tally_out, tally_out,
+                          scores_out),
                 "load_blocks": self._state_shardings,
                 "save_blocks": self._shardings(POOL_SPECS)}[kind]
 
@@ -714,6 +762,65 @@ class Engine:
                 self.log(f"{'loaded' if cached else 'compiled'} {what} in {took:.1f} s"
                          f"{' (from the compilation cache)' if cached else ''}")
         return self._compiled[key]
+
+
+def _real(tokens, lengths):  # bool[B, T]: a row's first `lengths` tokens are its own
+    return jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+
+
+def _forget_past(cache: KVCache, slots, starts) -> KVCache:
+    """The cache with slots `slots` [Bp] (out of range: none) cut back to their first
+    `starts` positions: what a slot held past a prefill's start (an earlier request's) is
+    forgotten."""
+    kept = (cache.key_valid.at[slots].get(mode="fill", fill_value=False)
+            & (jnp.arange(cache.max_len)[None, :] < starts[:, None]))  # [Bp, S]
+    return cache._replace(lengths=cache.lengths.at[slots].set(starts, mode="drop"),
+                          key_valid=cache.key_valid.at[slots].set(kept, mode="drop"))
+
+
+def _prefilled(state: DecodeState, logits, slots, lengths, seeds, sampling, allowed,
+               controls, masks) -> tuple[DecodeState, Sample]:
+    """Each prefilled row's first draw, from the logits [Bp, T, V] of its last real token,
+    and the state of its slot set for decoding: the draw as the token to feed next, its
+    request's seed, sampling, allowed tokens and controls (padding rows: nothing)."""
+    last_index = jnp.maximum(lengths - 1, 0)[:, None, None]
+    last = jnp.take_along_axis(logits, last_index, axis=1)[:, 0]
+    none = jnp.zeros_like(lengths)  # tokens generated before the first
+    counts = jnp.zeros(allowed.shape, jnp.int32)
+    drawable = allowed & unpack_token_mask(masks, allowed.shape[1])
+    first = sample(last.astype(jnp.float32), _keys(seeds, none), sampling,
+                   bar_stop_tokens(drawable, controls, none), controls, counts)
+
+    def put(full, rows):  # per-slot values [B, ...] <- [Bp, ...]
+        return full.at[slots].set(rows, mode="drop")
+
+    return DecodeState(
+        state.cache, put(state.tokens, first.tokens), put(state.steps, none),
+        put(state.seeds, seeds),
+        SamplingParams(*(put(a, b) for a, b in zip(state.sampling, sampling, strict=True))),
+        put(state.allowed, allowed),
+        Controls(*(put(a, b) for a, b in zip(state.controls, controls, strict=True))),
+        put(state.counts, count_tokens(counts, first.tokens, jnp.ones_like(lengths)))), first
+
+
+def _decoded(state: DecodeState, logits, on, masks) -> tuple[DecodeState, Sample]:
+    """The draws of a decode step's first B rows from their logits [B, 1, V], and the
+    state advanced by them where `on` [B] (free rows draw, ignored, and keep their
+    counts). `masks` [B, ceil(V / 32)]: packed tokens each row may draw this step."""
+    rows = on.shape[0]
+    steps = state.steps[:rows] + on  # the tokens each row generated before this draw
+    sampling = SamplingParams(*(x[:rows] for x in state.sampling))
+    controls = Controls(*(x[:rows] for x in state.controls))
+    counts = state.counts[:rows]
+    allowed = bar_stop_tokens(
+        state.allowed[:rows] & unpack_token_mask(masks, state.allowed.shape[1]),
+        controls, steps)
+    drawn = sample(logits[:, 0].astype(jnp.float32), _keys(state.seeds[:rows], steps),
+                   sampling, allowed, controls, counts)
+    counts = count_tokens(counts, drawn.tokens, on.astype(jnp.int32))
+    return state._replace(tokens=state.tokens.at[:rows].set(drawn.tokens),
+                          steps=state.steps.at[:rows].set(steps),
+                          counts=state.counts.at[:rows].set(counts)), drawn
 
 
 def score_positions(logits, targets) -> PromptScores:

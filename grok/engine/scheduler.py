@@ -3,9 +3,11 @@ give their slot back the moment they finish or are cancelled.
 
 Each step admits waiting requests into free slots (copying in the blocks of their prompt
 that the model's prefix cache holds), prefills, then advances every running request by a
-token. With a prefill chunk, a step prefills about a chunk of prompt tokens at most (whole
-short prompts, batched, or the next chunk of a long one) so that a long prompt delays the
-running requests by a chunk's time per step, not by its whole prefill. A request whose
+token. With a prefill chunk, while requests decode, a step carries one chunk of a prompt (a
+whole short prompt, or the next chunk of a long one) inside its decode step
+(`Engine.prefill_and_generate`, as Sarathi-Serve does), so that a long prompt costs the
+running requests a chunk's arithmetic per step, not its whole prefill; with no one decoding,
+waiting prompts are prefilled at once, batched. A request whose
 next uncached block another request is about to compute waits for it (SGLang's in-batch
 prefix sharing), so that prompts sent together with a shared preamble compute it once.
 
@@ -42,9 +44,10 @@ class Stats:
     prefill_tokens: int = 0  # prompt tokens computed
     cached_tokens: int = 0  # prompt tokens copied in from the prefix cache instead
     queried_tokens: int = 0  # prompt tokens of requests admitted with the prefix cache on
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # decode steps, those carrying a prompt's chunk included
     decode_tokens: int = 0  # tokens drawn by decode steps (not counting first tokens)
     decode_steps: int = 0
+    mixed_steps: int = 0  # decode steps that carried a prompt's chunk
 
 
 @dataclasses.dataclass
@@ -130,15 +133,18 @@ class Scheduler:
         return False
 
     def step(self) -> list[Event]:
-        """Admits waiting requests into free slots, prefills (at most about a chunk of
-        prompt tokens, with a prefill chunk), then advances every decoding request by a
-        token. Returns the events of this step: first tokens in prefill order, then the
-        decode step's in slot order."""
+        """Admits waiting requests into free slots, prefills (with a prefill chunk and
+        requests decoding, one chunk inside the decode step), then advances every decoding
+        request by a token. Returns the events of this step: first tokens in prefill
+        order, then the decode step's in slot order."""
         events: list[Event] = []
         self._admit()
-        self._prefill(events)
-        if self._active.any():
-            self._decode(events)
+        if self.engine.mixes and self._prefilling and self._active.any():
+            self._decode(events, self._next_part())
+        else:
+            self._prefill(events)
+            if self._active.any():
+                self._decode(events)
         return events
 
     # --- inside ----------------------------------------------------------------------------
@@ -220,6 +226,14 @@ class Scheduler:
                                                       request.prompt_ids)
         self._waiting.extendleft(reversed(deferred))
 
+    def _next_part(self) -> PrefillRow:
+        """The next chunk of the first prefilling request's prompt (all of a short one)."""
+        slot = self._prefilling[0]
+        held = self._slots[slot]
+        return PrefillRow(held.row.request, slot, held.prefilled,
+                          min(held.prompt_len, held.prefilled + self.engine.prefill_chunk),
+                          _mask(held.row))
+
     def _next_prefill(self, budget: int | None) -> list[PrefillRow]:
         """The next prefill: whole prompts of the first prefilling request's bucket (as
         many as the engine batches and the budget allows, at least one), or the next chunk
@@ -257,27 +271,33 @@ class Scheduler:
             rows = self._next_prefill(None if budget is None else budget - spent)
             start = self._clock()
             self._state, first, scores = self.engine.prefill(rows, self._state)
-            computed = sum(r.stop - r.start for r in rows)
-            spent += computed
+            spent += self._prefilled(rows, first, scores, events)
             self.stats = dataclasses.replace(
-                self.stats, prefill_s=self.stats.prefill_s + self._clock() - start,
-                prefill_tokens=self.stats.prefill_tokens + computed)
-            for i, r in enumerate(rows):
-                held = self._slots[r.slot]
-                held.prefilled = r.stop
-                if held.row.prompt_scores is not None:
-                    held.row.score_prompt(r.start, *(x[i] for x in scores))
-                if not r.final:
-                    continue
-                self._prefilling.remove(r.slot)
-                self._save_blocks(r.slot)
-                if r.request.settings.max_new_tokens == 0:
-                    events.append(self._end_prompt_only(r.slot))
-                    continue
-                self._active[r.slot] = True
-                self._active_on_device = None
-                events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
-                                           first.top_ids[i], first.top_logprobs[i]))
+                self.stats, prefill_s=self.stats.prefill_s + self._clock() - start)
+
+    def _prefilled(self, rows: list[PrefillRow], first, scores, events: list[Event]) -> int:
+        """Books prefilled parts: prompts finished start decoding with their first token
+        (or end, asking for none). Returns the prompt tokens computed."""
+        computed = sum(r.stop - r.start for r in rows)
+        self.stats = dataclasses.replace(
+            self.stats, prefill_tokens=self.stats.prefill_tokens + computed)
+        for i, r in enumerate(rows):
+            held = self._slots[r.slot]
+            held.prefilled = r.stop
+            if held.row.prompt_scores is not None:
+                held.row.score_prompt(r.start, *(x[i] for x in scores))
+            if not r.final:
+                continue
+            self._prefilling.remove(r.slot)
+            self._save_blocks(r.slot)
+            if r.request.settings.max_new_tokens == 0:
+                events.append(self._end_prompt_only(r.slot))
+                continue
+            self._active[r.slot] = True
+            self._active_on_device = None
+            events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
+                                       first.top_ids[i], first.top_logprobs[i]))
+        return computed
 
     def _save_blocks(self, slot: int) -> None:
         """A prefilled prompt's full blocks that the pool lacks go into it (as many as
@@ -291,7 +311,9 @@ class Scheduler:
             cache.pool = self.engine.save_blocks(
                 self._state, cache, slot, {held.matched + i: block for i, block in claimed})
 
-    def _decode(self, events: list[Event]) -> None:
+    def _decode(self, events: list[Event], part: PrefillRow | None = None) -> None:
+        """A token for every decoding request; with `part`, that prompt part is prefilled
+        in the same step (its first token, if any, comes first among the events)."""
         start = self._clock()
         if self._active_on_device is None:
             self._active_on_device = self.engine.put_active(self._active)
@@ -301,15 +323,21 @@ class Scheduler:
         filled = max(self._slots[s].row.filled for s in in_use)
         masks = {int(s): self._slots[s].row.matcher.mask for s in in_use
                  if self._slots[s].row.matcher is not None}
-        self._state, drawn = self.engine.generate(self._state, self._active_on_device,
-                                                  rows, filled, masks)
+        if part is None:
+            self._state, drawn = self.engine.generate(self._state, self._active_on_device,
+                                                      rows, filled, masks)
+        else:
+            self._state, drawn, first, scores = self.engine.prefill_and_generate(
+                part, self._state, self._active_on_device, rows, filled, masks)
+            self._prefilled([part], first, scores, events)
         for slot in in_use:
             events.append(self._accept(slot, drawn.tokens[slot], drawn.logprobs[slot],
                                        drawn.top_ids[slot], drawn.top_logprobs[slot]))
         s = self.stats
         self.stats = dataclasses.replace(
             s, decode_s=s.decode_s + self._clock() - start,
-            decode_tokens=s.decode_tokens + len(in_use), decode_steps=s.decode_steps + 1)
+            decode_tokens=s.decode_tokens + len(in_use), decode_steps=s.decode_steps + 1,
+            mixed_steps=s.mixed_steps + (part is not None))
 
 
 def _mask(row: Row):

@@ -26,7 +26,7 @@ from grok.plan.sizes import Footprint, RunShape, gib
 from grok.quant import QuantizedWeight4bit, is_quantized
 
 PROGRAM_KINDS = ("init", "prefill", "decode")
-STEP_KINDS = ("prefill", "extend", "decode")  # programs that run the model on the state
+STEP_KINDS = ("prefill", "extend", "decode", "mixed")  # programs that run the model on the state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ class ProgramReport:
     def name(self) -> str:
         kind, *shape = self.key
         labels = {"prefill": ("batch", "prompt"), "extend": ("batch", "part", "attending"),
-                  "decode": ("rows", "attending")}.get(kind)
+                  "decode": ("rows", "attending"), "mixed": ("rows", "attending")}.get(kind)
         if labels is None:  # init, and the block copies (keyed by the cache's settings)
             return kind
         return " ".join([kind, *(f"{a} {b}" for a, b in zip(labels, shape, strict=True))])
