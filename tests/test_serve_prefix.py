@@ -8,13 +8,16 @@ test_prefix_cache.py for why tokens compare exactly.
 """
 
 import asyncio
+import json
 import re
+import time
 
 import pytest
 
 pytest.importorskip("fastapi")
 
 import httpx
+import numpy as np
 import openai
 from conftest import TOKENIZER
 from test_prefix_cache import PREAMBLE, PROMPTS
@@ -59,9 +62,23 @@ def counters(http) -> dict:
     text = http.get("/metrics").text
     out = {}
     for name in ("grok_prefix_cache_queries_total", "grok_prefix_cache_hits_total",
-                 "grok_prompt_tokens_computed_total", "grok_prefix_cache_blocks_in_use"):
+                 "grok_prompt_tokens_computed_total", "grok_prefix_cache_blocks_in_use",
+                 "grok_prefix_cache_blocks_held"):
         out[name] = float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
     return out
+
+
+async def texts(url, prompts) -> list[str]:
+    """Every prompt's greedy text, all sent at once."""
+    async def one(client, prompt):
+        r = await client.post("/v1/completions", json={
+            "model": MODEL, "prompt": prompt, "max_tokens": NEW, "temperature": 0,
+            "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        return await asyncio.gather(*(one(client, p) for p in prompts))
 
 
 def test_cached_and_chunked_requests_give_the_text_of_generate(url, expected):
@@ -92,15 +109,63 @@ def test_cached_and_chunked_requests_give_the_text_of_generate(url, expected):
 def test_concurrent_cached_requests_give_the_text_of_generate(url, expected):
     """All prompts at once, twice over (16 streams for 4 slots: some wait, some join
     between another's chunks, and every one may reuse blocks)."""
-    async def one(client, prompt):
-        r = await client.post("/v1/completions", json={
-            "model": MODEL, "prompt": prompt, "max_tokens": NEW, "temperature": 0,
-            "ignore_eos": True})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["text"]
+    assert asyncio.run(texts(url, PROMPTS * 2)) == expected * 2
+
+
+def test_a_request_cancelled_mid_chunk_frees_what_it_held(url, expected):
+    """Three requests decode while a 48-token prompt is prefilled 8 tokens a step, riding in
+    their decode steps; its client leaves part-way. The others get their text, the prompt
+    tokens computed show its prefill stopped short, every block and slot it held is free
+    afterwards, and the server serves a full house. The client's leaving races the steps,
+    so a few fresh prompts are tried until one is cancelled mid-prefill."""
+    rng = np.random.default_rng(3)
+    decoding = [3, 4, 0]  # 16, 17 and 25 tokens: room for 32 new ones each
+
+    async def stream(client, prompt, started):
+        async with client.stream("POST", "/v1/completions", json={
+                "model": MODEL, "prompt": prompt, "max_tokens": 32, "temperature": 0,
+                "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            text = ""
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    started.set()
+            return text
+
+    async def computed(client):
+        text = (await client.get("/metrics")).text
+        return float(re.search(r"^grok_prompt_tokens_computed_total ([0-9.e+-]+)$", text,
+                               re.M).group(1))
+
+    async def attempt(client) -> float:
+        """Prompt tokens the cancelled request computed."""
+        events = [asyncio.Event() for _ in decoding]
+        streams = [asyncio.ensure_future(stream(client, PROMPTS[i], e))
+                   for i, e in zip(decoding, events, strict=True)]
+        await asyncio.gather(*(e.wait() for e in events))  # all three decode
+        before = await computed(client)
+        long = asyncio.ensure_future(client.post("/v1/completions", json={
+            "model": MODEL, "prompt": rng.integers(3, 4096, 48).tolist(), "max_tokens": 1}))
+        while await computed(client) < before + CHUNK and not long.done():
+            await asyncio.sleep(0.001)
+        long.cancel()
+        texts = await asyncio.gather(*streams)
+        for i, text in zip(decoding, texts, strict=True):
+            assert text.startswith(expected[i])  # greedy: 32 tokens extend the first 8
+        return await computed(client) - before
 
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            return await asyncio.gather(*(one(client, p) for p in PROMPTS * 2))
+            for _ in range(5):
+                if await attempt(client) < 48:
+                    return True
+            return False
 
-    assert asyncio.run(main()) == expected * 2
+    assert asyncio.run(main()), "the client never left before its prompt was prefilled"
+    http = httpx.Client(base_url=url, timeout=120)
+    while "grok_requests_running 0.0" not in http.get("/metrics").text:
+        time.sleep(0.05)
+    assert counters(http)["grok_prefix_cache_blocks_held"] == 0
+    # Every slot is free again: as many requests as slots, at once, all run.
+    assert asyncio.run(texts(url, PROMPTS[:SLOTS])) == expected[:SLOTS]
