@@ -385,8 +385,8 @@ class Engine:
                              ) -> tuple[DecodeState, Sample, Sample, PromptScores | None]:
         """`generate` and a `prefill` of one prompt part of at most `mixed_length` tokens
         as one step, in which the model reads its weights once for both: a decode step
-        reads every weight whatever its rows, so the part costs little more than its own
-        arithmetic, where a prefill step of its own would read them all again. Arguments
+        costs its weight reads more than its rows, so the part adds little more than its
+        own arithmetic, where a prefill step of its own would read the weights again. Arguments
         as `generate` (`filled` for the decoding rows); returns the new state, the decode
         draws, the part's draw and its `PromptScores` (as `prefill`). Only while
         `mixes`."""
@@ -602,8 +602,9 @@ class Engine:
         arrays = self._prefill_inputs(batch, length)
         (index, starts, tokens, lengths, seeds, sampling, allowed, controls, targets,
          masks) = arrays
-        index[:len(rows)] = [r.slot for r in rows]  # padding rows' slot is out of range:
-        for i, r in enumerate(rows):                # their writes are dropped
+        # Padding rows keep a slot out of range: their writes are dropped.
+        index[:len(rows)] = [r.slot for r in rows]
+        for i, r in enumerate(rows):
             s = r.request.settings
             starts[i] = r.start
             tokens[i, : r.stop - r.start] = r.request.prompt_ids[r.start:r.stop]
