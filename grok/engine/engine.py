@@ -366,11 +366,7 @@ class Engine:
         if not 1 <= n <= self.max_prefill_batch(length):
             raise ValueError(f"a prefill of prompt bucket {length} takes 1 to "
                              f"{self.max_prefill_batch(length)} rows, got {n}")
-        slots = [r.slot for r in rows]
-        if len(set(slots)) != n or any(not 0 <= s < self.slots for s in slots) or any(
-                not 0 <= r.start < r.stop <= len(r.request.prompt_ids) for r in rows):
-            raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
-                             "slots")
+        self._check_rows(rows)
         arrays = self._prefill_arrays(rows, batch, length)
         args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
         state, first, tally, scores = self._prefill_step(key, args)(*args)
@@ -394,10 +390,10 @@ class Engine:
             raise ValueError("steps mix a prefill in only with a prefill chunk, outside "
                              "deterministic steps")
         length = self.mixed_length
-        if not (0 <= part.slot < self.slots and 0 <= part.start < part.stop
-                <= len(part.request.prompt_ids) and part.stop - part.start <= length):
-            raise ValueError(f"bad part {part[1:]} for {self.slots} slots and parts of at "
-                             f"most {length}")
+        self._check_rows([part])
+        if part.stop - part.start > length:
+            raise ValueError(f"a mixed step's part holds at most {length} tokens, got "
+                             f"{part[1:]}")
         attend = self.attend_bucket(max(filled, part.stop))
         arrays = self._prefill_arrays([part], self._row_buckets[0], length)
         args = (self.grok.params, state, active, self._token_masks(rows, masks),
@@ -410,6 +406,14 @@ class Engine:
         self._count("decode", decode_tally)
         self._count("prefill", prefill_tally)
         return state, drawn, first, scores
+
+    def _check_rows(self, rows: Sequence[PrefillRow]) -> None:
+        """Each row a part of its prompt, into its own slot of this engine."""
+        slots = [r.slot for r in rows]
+        if len(set(slots)) != len(rows) or any(not 0 <= s < self.slots for s in slots) or any(
+                not 0 <= r.start < r.stop <= len(r.request.prompt_ids) for r in rows):
+            raise ValueError(f"bad prefill rows {[r[1:] for r in rows]} for {self.slots} "
+                             "slots")
 
     @property
     def mixes(self) -> bool:

@@ -227,12 +227,13 @@ class Scheduler:
         self._waiting.extendleft(reversed(deferred))
 
     def _next_part(self) -> PrefillRow:
-        """The next chunk of the first prefilling request's prompt (all of a short one)."""
-        slot = self._prefilling[0]
+        """The next chunk of the first prefilling request's prompt (all of a short one, or
+        of any without a prefill chunk)."""
+        slot, chunk = self._prefilling[0], self.engine.prefill_chunk
         held = self._slots[slot]
-        return PrefillRow(held.row.request, slot, held.prefilled,
-                          min(held.prompt_len, held.prefilled + self.engine.prefill_chunk),
-                          _mask(held.row))
+        stop = held.prompt_len if chunk is None else min(held.prompt_len,
+                                                         held.prefilled + chunk)
+        return PrefillRow(held.row.request, slot, held.prefilled, stop, _mask(held.row))
 
     def _next_prefill(self, budget: int | None) -> list[PrefillRow]:
         """The next prefill: whole prompts of the first prefilling request's bucket (as
@@ -242,10 +243,7 @@ class Scheduler:
         first = self._slots[self._prefilling[0]]
         if first.prefilled > 0 or (chunk is not None and first.prompt_len > chunk) \
                 or engine.deterministic:
-            stop = first.prompt_len if chunk is None else min(first.prompt_len,
-                                                              first.prefilled + chunk)
-            return [PrefillRow(first.row.request, self._prefilling[0], first.prefilled, stop,
-                               _mask(first.row))]
+            return [self._next_part()]
         length = engine.prompt_bucket(first.prompt_len)
         rows, spent = [], 0
         for slot in self._prefilling:
