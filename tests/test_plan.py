@@ -98,18 +98,20 @@ def test_most_slots_takes_the_most_that_fit(fixture_dir, monkeypatch):
     weights = sizes.bytes_per_device(grok.params)
     memory = weights + 20 * (1 << 20)
     monkeypatch.setattr(sizes, "device_memory", lambda device: memory)
-    slots = plan.most_slots(grok, 64, memory_fraction=1.0)
-    assert slots >= 2 and slots % 2 == 0  # whole data rows
 
-    def need(n: int) -> int:
-        engine = Engine(grok, n, 64)
+    def need(n: int, chunk: int | None) -> int:
+        engine = Engine(grok, n, 64, prefill_chunk=chunk)
         state = sizes.bytes_per_device(engine.state_shapes())
         footprint = sizes.Footprint(weights, state, 0, n, 64)
         extra = max(plan._extra_bytes(k, engine.compile_program(k), footprint)
                     for k in plan.select(engine.warmup_keys(), None, largest=True))
         return weights + state + extra
 
-    assert need(slots) <= memory < need(2 * slots + 2)
+    # Whole prompts, and chunks (whose continuing prefills and mixed steps count too).
+    for chunk in (None, 8):
+        slots = plan.most_slots(grok, 64, memory_fraction=1.0, prefill_chunk=chunk)
+        assert slots >= 2 and slots % 2 == 0  # whole data rows
+        assert need(slots, chunk) <= memory < need(2 * slots + 2, chunk)
     with pytest.raises(GrokError, match="no decode slot of 64 positions fits"):
         plan.most_slots(grok, 64, memory_fraction=1.0, memory=weights)
 
@@ -195,7 +197,8 @@ def test_plan_for_eight_h100s_without_a_gpu():
         Grok(TINY, sizes.stored_params(TINY, sharding.make_mesh((1, 8), devices=target.devices),
                                        "int8", "scan"),
              sharding.make_mesh((1, 8), devices=target.devices), layers="scan")
-        .engine(8, 256).warmup_keys())
+        .engine(8, 256, prefill_chunk=512).warmup_keys())  # the server's default chunk
+    assert as_json["prefill_chunk"] == 512
 
 
 def test_server_refuses_a_run_that_cannot_fit_before_loading(monkeypatch, capsys):
@@ -229,3 +232,15 @@ def test_int4_stacks_are_read_in_place_on_gpus():
                      .temp_size_in_bytes)
     stack_bytes_per_layer = 3 * 8 * 512 * (config.ffn_size // 8) // 2
     assert temps[1] - temps[0] < 6 * stack_bytes_per_layer / 10
+
+
+def test_run_shape_takes_the_servers_prefill_chunk():
+    """None: the platform's default (as the server's); 0: whole prompts; else a power of
+    two, and deterministic steps need one."""
+    assert sizes.RunShape(TINY).resolved("cpu").prefill_chunk == 16
+    assert sizes.RunShape(TINY).resolved("gpu").prefill_chunk == 512
+    assert sizes.RunShape(TINY, prefill_chunk=0).resolved("gpu").prefill_chunk == 0
+    with pytest.raises(GrokError, match=r"prefill chunk must be a power of two.*24"):
+        sizes.RunShape(TINY, prefill_chunk=24)
+    with pytest.raises(GrokError, match="deterministic steps prefill in chunks"):
+        sizes.RunShape(TINY, prefill_chunk=0, deterministic=True)

@@ -97,27 +97,51 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prefills(grok, baseline, chun
         assert_same(run(engine, PROMPTS, settings)[0], baseline[settings])
 
 
-def test_chunks_riding_in_decode_steps_give_the_tokens_of_whole_prefills(grok, baseline):
-    """Two requests decode while two more are prefilled 8 tokens a step inside the decode
-    steps: all four get the tokens of whole prefills, greedy and seeded."""
+def test_chunks_in_decode_steps_and_batched_give_the_tokens_of_whole_prefills(grok, baseline):
+    """Two requests decode while two more are prefilled 8 tokens a step: the 37-token
+    prompt's chunks ride alone in the decode steps, then go in one prefill with the
+    25-token prompt's (sent two steps later), whose last chunk rides alone again. All four
+    get the tokens of whole prefills, greedy and seeded."""
     engine = grok.engine(SLOTS, MAX_LEN, prefill_chunk=8)
-    order = [5, 4, 2, 0]  # 30 and 17 tokens first, then 37 and 25
+    arrivals = {0: [5, 4], 1: [2], 3: [0]}  # step: prompts (30, 17; 37; 25 tokens)
     for settings in (GREEDY, SEEDED):
         scheduler = Scheduler(engine)
-        ids = {scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
-               for i in order[:2]}
-        out = {}
+        ids, out = {}, {}
         for step in range(100):
-            if step == 1:
-                ids.update({scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
-                            for i in order[2:]})
+            ids.update({scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
+                        for i in arrivals.get(step, [])})
             for event in scheduler.step():
                 if event.completion is not None:
                     out[ids[event.request_id]] = event.completion
             if not scheduler.has_work:
                 break
+        order = [5, 4, 2, 0]
         assert_same([out[i] for i in order], [baseline[settings][i] for i in order])
-        assert scheduler.stats.mixed_steps >= 5  # the 37-token prompt's chunks at least
+        # 37 tokens in chunks at steps 1 to 5, 25 at steps 3 to 6: alone at 1, 2 and 6.
+        assert scheduler.stats.mixed_steps == 3
+
+
+def test_warmup_covers_chunks_cached_prefixes_and_mixed_steps(grok):
+    """Every program that chunks alone in decode steps and batched, continued after cached
+    prefixes, compile is one `warmup` compiles (checked by key, so that the test does not
+    compile the rest)."""
+    grok.enable_prefix_cache(PrefixCacheSettings(64, BLOCK))
+    try:
+        engine = grok.engine(SLOTS, MAX_LEN, prefill_chunk=8)
+        for _ in range(2):  # cold, then warm
+            run(engine, PROMPTS, GREEDY)
+        scheduler = Scheduler(engine)
+        for i in [5, 2, 0, 1, 4]:  # one arrival a step
+            scheduler.submit(engine.make_request(PROMPTS[i], GREEDY))
+            scheduler.step()
+        while scheduler.has_work:
+            scheduler.step()
+        assert scheduler.stats.mixed_steps > 0
+        kinds = {key[0] for key in engine.programs()}
+        assert {"mixed", "extend", "load_blocks", "save_blocks"} <= kinds
+        assert set(engine.programs()) <= set(engine.warmup_keys())
+    finally:
+        grok.enable_prefix_cache(None)
 
 
 def test_a_long_prompt_does_not_stall_running_requests(grok):

@@ -511,10 +511,12 @@ class Engine:
             keys += [("decode", batch, attend) for attend in self.attend_buckets()]
             if self.mixes:
                 keys += [("mixed", batch, attend) for attend in self.attend_buckets()]
-        if self.prefill_chunk is not None or cache is not None:
-            # A prompt continued one row at a time: after a chunk, or a cached prefix.
-            keys += [("extend", self._row_buckets[0], length, attend) for length in lengths
-                     for attend in self.attend_buckets() if attend >= length]
+        # Prompts continued: after a chunk, batched; after a cached prefix, one at a time.
+        batches = (self.row_buckets() if self.prefill_chunk is not None
+                   else self._row_buckets[:1] if cache is not None else [])
+        keys += [("extend", batch, length, attend) for batch in batches for length in lengths
+                 if batch <= self.max_prefill_batch(length)
+                 for attend in self.attend_buckets() if attend >= length]
         return keys + blocks
 
     def warmup(self, keys: Sequence[tuple] | None = None,
@@ -884,6 +886,18 @@ def _save_blocks(state: DecodeState, pool: BlockPool, slot, ids) -> BlockPool:
         split = row.reshape(layers, k, m, b, c).transpose(0, 2, 1, 3, 4)
         return blocks.at[:, ids].set(split.astype(blocks.dtype), mode="drop")
     return BlockPool(put(pool.k, state.cache.k), put(pool.v, state.cache.v))
+
+
+# Prompt tokens per prefill chunk, the server's and grok-plan's default. On the CPU bench
+# model any chunk reads every expert's weights, as a decode step does; 16 tokens cost about
+# one more step (README, "Prefix caching and chunked prefill"). On an accelerator a chunk of
+# 512 is about where a step stops costing its weight reads alone (see `Buckets`).
+CPU_PREFILL_CHUNK = 16
+PREFILL_CHUNK = 512
+
+
+def default_prefill_chunk(platform: str) -> int:
+    return CPU_PREFILL_CHUNK if platform == "cpu" else PREFILL_CHUNK
 
 
 def check_prefill_chunk(chunk: int | None) -> None:

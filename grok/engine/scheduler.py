@@ -3,13 +3,15 @@ give their slot back the moment they finish or are cancelled.
 
 Each step admits waiting requests into free slots (copying in the blocks of their prompt
 that the model's prefix cache holds), prefills, then advances every running request by a
-token. With a prefill chunk, while requests decode, a step carries one chunk of a prompt (a
-whole short prompt, or the next chunk of a long one) inside its decode step
-(`Engine.prefill_and_generate`, as Sarathi-Serve does), so that a long prompt costs the
-running requests a chunk's arithmetic per step, not its whole prefill; with no one decoding,
-waiting prompts are prefilled at once, batched. A request whose
-next uncached block another request is about to compute waits for it (SGLang's in-batch
-prefix sharing), so that prompts sent together with a shared preamble compute it once.
+token. With a prefill chunk, while requests decode, every prompt in progress advances by a
+chunk per step, all in one batch: a long prompt costs the running requests a chunk's
+arithmetic per step, not its whole prefill, and a burst of short prompts a stall in
+proportion to the burst, not one step per prompt. A lone chunk (the steady state: requests
+arriving one at a time) rides inside the decode step (`Engine.prefill_and_generate`, as
+Sarathi-Serve does), which then reads the weights once for both. With no one decoding,
+waiting prompts are prefilled at once, batched. A request whose next uncached block another
+request is about to compute waits for it (SGLang's in-batch prefix sharing), so that
+prompts sent together with a shared preamble compute it once.
 
 The scheduler is plain Python around the engine's compiled steps and is not
 thread-safe: one thread owns it and every JAX call (the server's device thread, or the
@@ -133,18 +135,24 @@ class Scheduler:
         return False
 
     def step(self) -> list[Event]:
-        """Admits waiting requests into free slots, prefills (with a prefill chunk and
-        requests decoding, one chunk inside the decode step), then advances every decoding
-        request by a token. Returns the events of this step: first tokens in prefill
-        order, then the decode step's in slot order."""
+        """Admits waiting requests into free slots, prefills, then advances every decoding
+        request by a token. With a prefill chunk and requests decoding, every prompt in
+        progress advances by a chunk (one prefill of their next chunks, or that chunk
+        inside the decode step when it is the only one). Returns the events of this step:
+        first tokens in prefill order, then the decode step's in slot order."""
         events: list[Event] = []
         self._admit()
-        if self.engine.mixes and self._prefilling and self._active.any():
-            self._decode(events, self._next_part())
+        if self._prefilling and self._active.any() and self.engine.prefill_chunk is not None:
+            parts = self._next_prefill()
+            if len(parts) == 1 and self.engine.mixes:
+                self._decode(events, parts[0])
+                return events
+            self._prefill(events, parts)
         else:
-            self._prefill(events)
-            if self._active.any():
-                self._decode(events)
+            while self._prefilling:  # with no one to delay (or no chunk): every prompt
+                self._prefill(events, self._next_prefill())
+        if self._active.any():
+            self._decode(events)
         return events
 
     # --- inside ----------------------------------------------------------------------------
@@ -226,56 +234,58 @@ class Scheduler:
                                                       request.prompt_ids)
         self._waiting.extendleft(reversed(deferred))
 
-    def _next_part(self) -> PrefillRow:
-        """The next chunk of the first prefilling request's prompt (all of a short one, or
-        of any without a prefill chunk)."""
-        slot, chunk = self._prefilling[0], self.engine.prefill_chunk
-        held = self._slots[slot]
+    def _next_part(self, slot: int) -> PrefillRow:
+        """The next chunk of a prefilling request's prompt (the rest of it, without a
+        prefill chunk)."""
+        held, chunk = self._slots[slot], self.engine.prefill_chunk
         stop = held.prompt_len if chunk is None else min(held.prompt_len,
                                                          held.prefilled + chunk)
         return PrefillRow(held.row.request, slot, held.prefilled, stop, _mask(held.row))
 
-    def _next_prefill(self, budget: int | None) -> list[PrefillRow]:
-        """The next prefill: whole prompts of the first prefilling request's bucket (as
-        many as the engine batches and the budget allows, at least one), or the next chunk
-        of a prompt that is longer than a chunk or already begun."""
-        engine, chunk = self.engine, self.engine.prefill_chunk
+    def _next_prefill(self) -> list[PrefillRow]:
+        """The next prefill's rows, from the first prefilling request on: with a prefill
+        chunk, each request's next chunk (in deterministic steps, the first request's
+        only), as many as one prefill takes; without, whole prompts of the first one's
+        bucket (or the rest of its prompt alone, after a cached prefix)."""
+        engine = self.engine
+        if engine.deterministic:
+            return [self._next_part(self._prefilling[0])]
+        if engine.prefill_chunk is not None:
+            rows: list[PrefillRow] = []
+            for slot in self._prefilling:
+                part = self._next_part(slot)
+                longest = max(r.stop - r.start for r in [*rows, part])
+                if rows and len(rows) >= engine.max_prefill_batch(
+                        engine.prompt_bucket(longest)):
+                    break
+                rows.append(part)
+            return rows
         first = self._slots[self._prefilling[0]]
-        if first.prefilled > 0 or (chunk is not None and first.prompt_len > chunk) \
-                or engine.deterministic:
-            return [self._next_part()]
+        if first.prefilled > 0:
+            return [self._next_part(self._prefilling[0])]
         length = engine.prompt_bucket(first.prompt_len)
-        rows, spent = [], 0
+        rows = []
         for slot in self._prefilling:
             held = self._slots[slot]
-            n = held.prompt_len
-            if held.prefilled > 0 or engine.prompt_bucket(n) != length \
-                    or (chunk is not None and n > chunk):
+            if held.prefilled > 0 or engine.prompt_bucket(held.prompt_len) != length:
                 continue
-            if rows and (len(rows) == engine.max_prefill_batch(length)
-                         or (budget is not None and spent + n > budget)):
+            if len(rows) == engine.max_prefill_batch(length):
                 break
-            rows.append(PrefillRow(held.row.request, slot, 0, n, _mask(held.row)))
-            spent += n
+            rows.append(PrefillRow(held.row.request, slot, 0, held.prompt_len,
+                                   _mask(held.row)))
         return rows
 
-    def _prefill(self, events: list[Event]) -> None:
-        """Prefills until about a chunk of prompt tokens is done while requests decode
-        (everything waiting, without a prefill chunk or with no one to delay); finished
-        prompts start decoding with their first token."""
-        budget = self.engine.prefill_chunk if self._active.any() else None
-        spent = 0
-        while self._prefilling and (budget is None or spent < budget):
-            rows = self._next_prefill(None if budget is None else budget - spent)
-            start = self._clock()
-            self._state, first, scores = self.engine.prefill(rows, self._state)
-            spent += self._prefilled(rows, first, scores, events)
-            self.stats = dataclasses.replace(
-                self.stats, prefill_s=self.stats.prefill_s + self._clock() - start)
+    def _prefill(self, events: list[Event], rows: list[PrefillRow]) -> None:
+        """One prefill; finished prompts start decoding with their first token."""
+        start = self._clock()
+        self._state, first, scores = self.engine.prefill(rows, self._state)
+        self._prefilled(rows, first, scores, events)
+        self.stats = dataclasses.replace(
+            self.stats, prefill_s=self.stats.prefill_s + self._clock() - start)
 
-    def _prefilled(self, rows: list[PrefillRow], first, scores, events: list[Event]) -> int:
+    def _prefilled(self, rows: list[PrefillRow], first, scores, events: list[Event]) -> None:
         """Books prefilled parts: prompts finished start decoding with their first token
-        (or end, asking for none). Returns the prompt tokens computed."""
+        (or end, asking for none)."""
         computed = sum(r.stop - r.start for r in rows)
         self.stats = dataclasses.replace(
             self.stats, prefill_tokens=self.stats.prefill_tokens + computed)
@@ -295,7 +305,6 @@ class Scheduler:
             self._active_on_device = None
             events.append(self._accept(r.slot, first.tokens[i], first.logprobs[i],
                                        first.top_ids[i], first.top_logprobs[i]))
-        return computed
 
     def _save_blocks(self, slot: int) -> None:
         """A prefilled prompt's full blocks that the pool lacks go into it (as many as

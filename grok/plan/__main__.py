@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode slots, or 'auto': the most that fit, as the server's "
                         "--max-batch auto takes them (default: %(default)s)")
     p.add_argument("--max-seq-len", type=int, help="positions per slot (default: the context)")
+    p.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                   help="the server's --prefill-chunk, whose steps are compiled (default: the "
+                        "server's for the platform; 0: whole prompts)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the server's --deterministic steps")
     p.add_argument("--memory-fraction", type=float, default=0.9,
                    help="share of each device's memory a run may use (default: %(default)s)")
     p.add_argument("--steps", type=lambda t: t.split(","), metavar="KINDS",
@@ -95,7 +100,8 @@ def _plan(args):
     config = resolve_config(args.config)
     auto = args.max_batch == AUTO
     shape = RunShape(config, args.mesh, args.weights, args.layers, args.moe,
-                     8 if auto else args.max_batch, args.max_seq_len, args.int4_group)
+                     8 if auto else args.max_batch, args.max_seq_len, args.int4_group,
+                     args.prefill_chunk, args.deterministic)
     if args.target_config is not None:
         count = args.mesh[0] * args.mesh[1] if args.mesh else 8
         target = plan.file_target(args.target_config, count)

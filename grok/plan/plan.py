@@ -25,7 +25,7 @@ from grok.plan import hlo, sizes, targets
 from grok.plan.sizes import Footprint, RunShape, gib
 from grok.quant import QuantizedWeight4bit, is_quantized
 
-PROGRAM_KINDS = ("init", "prefill", "decode")
+PROGRAM_KINDS = ("init", "prefill", "extend", "decode", "mixed")
 STEP_KINDS = ("prefill", "extend", "decode", "mixed")  # programs that run the model on the state
 
 
@@ -188,6 +188,8 @@ class Plan:
             "weights": self.run.weights, "layers": self.run.layers, "moe": self.run.moe,
             "int4_group": self.run.int4_group if self.run.weights == "int4" else None,
             "slots": fp.slots, "max_seq_len": fp.max_seq_len,
+            "prefill_chunk": self.run.prefill_chunk or None,
+            "deterministic": self.run.deterministic,
             "device_memory_bytes": self.target.memory_bytes,
             "memory_fraction": self.memory_fraction, "usable_bytes": self.usable,
             "weight_bytes": fp.weights, "state_bytes": fp.state,
@@ -235,9 +237,11 @@ def make_plan(shape: RunShape, target: PlanTarget, *, memory_fraction: float = 0
     grok = Grok(run.config, params, mesh, moe_strategy=run.moe, layers=run.layers)
     if auto_slots:
         run = dataclasses.replace(run, max_batch=most_slots(
-            grok, run.max_seq_len, memory_fraction, target.memory_bytes))
+            grok, run.max_seq_len, memory_fraction, target.memory_bytes,
+            prefill_chunk=run.prefill_chunk or None, deterministic=run.deterministic))
     footprint = sizes.footprint(run, mesh, params)
-    engine = grok.engine(run.max_batch, run.max_seq_len)
+    engine = grok.engine(run.max_batch, run.max_seq_len, prefill_chunk=run.prefill_chunk or None,
+                         deterministic=run.deterministic)
     keys = select(engine.warmup_keys(), kinds, largest)
     weight_shapes = [shape for leaf in jax.tree.leaves(params, is_leaf=is_quantized)
                      if is_quantized(leaf) for shape in _weight_forms(leaf)]
@@ -274,11 +278,13 @@ def _weight_forms(w) -> list[tuple[int, ...]]:
 
 
 def most_slots(grok: Grok, max_seq_len: int, memory_fraction: float = 0.9,
-               memory: int | None = None) -> int:
+               memory: int | None = None, prefill_chunk: int | None = None,
+               deterministic: bool = False) -> int:
     """The most decode slots the devices hold at `max_seq_len`, as vLLM sizes its cache
     from its memory utilization: what `memory_fraction` of a device leaves after the
     weights and the largest step's temporaries, those compiled (never run) for a first
-    guess that ignores them. `memory`: bytes per device (default: what the device says)."""
+    guess that ignores them, of the steps an engine of `prefill_chunk` and `deterministic`
+    runs. `memory`: bytes per device (default: what the device says)."""
     mesh = grok.mesh
     memory = sizes.device_memory(mesh.devices.flat[0]) if memory is None else memory
     if memory is None:
@@ -293,11 +299,12 @@ def most_slots(grok: Grok, max_seq_len: int, memory_fraction: float = 0.9,
         return min(MAX_SLOTS, int((usable - weights - extra) // per_slot)) // data * data
 
     def extra_at(slots: int) -> int:  # the largest step's temporaries, compiled
-        engine = Engine(grok, slots, max_seq_len)
+        engine = Engine(grok, slots, max_seq_len, prefill_chunk=prefill_chunk,
+                        deterministic=deterministic)
         footprint = Footprint(weights, sizes.bytes_per_device(engine.state_shapes()), 0,
                               slots, max_seq_len)
         return max(_extra_bytes(key, engine.compile_program(key), footprint)
-                   for key in select(engine.warmup_keys(), ("prefill", "decode"), largest=True))
+                   for key in select(engine.warmup_keys(), STEP_KINDS, largest=True))
 
     # Temporaries grow with the slots (more rows per step), so the slots that fit beside
     # those of a larger guess fit beside their own. A guess whose temporaries leave no
@@ -396,7 +403,9 @@ def describe(plan: Plan) -> str:
         f"{run.config.num_layers}-layer model on {target.name}: {len(target.devices)} x "
         f"{target.description} ({memory} each), mesh {plan.mesh_shape[0]}x"
         f"{plan.mesh_shape[1]}, {weights}, {run.layers} layers, {run.moe} MoE",
-        f"decode state: {fp.slots} slots x {fp.max_seq_len} positions",
+        f"decode state: {fp.slots} slots x {fp.max_seq_len} positions; prompts "
+        + (f"in chunks of {run.prefill_chunk}" if run.prefill_chunk else "whole")
+        + (", deterministic steps" if run.deterministic else ""),
         "per device:",
         f"  weights        {gib(fp.weights):>12}",
         f"  decode state   {gib(fp.state):>12}",

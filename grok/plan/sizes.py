@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from grok import model, sharding
 from grok.config import GrokConfig
-from grok.engine.engine import state_shapes
+from grok.engine.engine import check_prefill_chunk, default_prefill_chunk, state_shapes
 from grok.errors import GrokError
 from grok.layers import check_layer_mode, default_layer_mode
 from grok.params import storage
@@ -50,8 +50,9 @@ def gib(n: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class RunShape:
     """What decides a run's memory: the model, the mesh and how weights and layers are held,
-    and the decode state's slots and positions. `weights` and `layers` None: the platform's
-    defaults, as `Grok.load` chooses them."""
+    the decode state's slots and positions, and the server's steps (their chunk: its
+    temporaries). `weights`, `layers` and `prefill_chunk` None: the platform's defaults, as
+    `Grok.load` and the server choose them; `prefill_chunk` 0: whole prompts."""
 
     config: GrokConfig
     mesh_shape: tuple[int, int] | None = None
@@ -61,6 +62,8 @@ class RunShape:
     max_batch: int = 8
     max_seq_len: int | None = None
     int4_group: int = DEFAULT_INT4_GROUP  # rows per 4-bit scale, with weights="int4"
+    prefill_chunk: int | None = None
+    deterministic: bool = False  # the server's --deterministic steps (one shape each)
 
     def __post_init__(self):
         if self.weights is not None and self.weights not in WEIGHT_MODES:
@@ -74,6 +77,11 @@ class RunShape:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise GrokError(f"{name} must be a positive integer, got {value!r:.40}")
+        if self.prefill_chunk != 0:
+            check_prefill_chunk(self.prefill_chunk)
+        if self.deterministic and self.prefill_chunk == 0:
+            raise GrokError("deterministic steps prefill in chunks: give a prefill chunk, "
+                            "not 0")
         if self.max_seq_len is not None and self.max_seq_len > self.config.sequence_len:
             raise GrokError(f"max_seq_len={self.max_seq_len} exceeds the model's context of "
                             f"{self.config.sequence_len}")
@@ -84,7 +92,9 @@ class RunShape:
             self,
             weights=self.weights or default_weight_mode(platform),
             layers=self.layers or default_layer_mode(platform),
-            max_seq_len=self.max_seq_len or self.config.sequence_len)
+            max_seq_len=self.max_seq_len or self.config.sequence_len,
+            prefill_chunk=(default_prefill_chunk(platform) if self.prefill_chunk is None
+                           else self.prefill_chunk))
 
 
 def stored_params(config: GrokConfig, mesh: Mesh, weights: str, layers: str,

@@ -22,18 +22,17 @@ from pathlib import Path
 
 from grok import cli, compilation, demo, distributed, sharding
 from grok.config import resolve_config
-from grok.engine.engine import check_prefill_chunk
+from grok.engine.engine import (
+    CPU_PREFILL_CHUNK,
+    PREFILL_CHUNK,
+    check_prefill_chunk,
+    default_prefill_chunk,
+)
 from grok.errors import GrokError
 from grok.tokenizer import Tokenizer
 
 log = logging.getLogger("grok.serve")
 CPU_MAX_BATCH = 8
-# Prompt tokens per prefill chunk. On the CPU bench model any chunk reads every expert's
-# weights, as a decode step does; 16 tokens cost about one more step (README, "Prefix
-# caching and chunked prefill"). On an accelerator a chunk of 512 is about where a step
-# stops costing its weight reads alone (see `Buckets`).
-CPU_PREFILL_CHUNK = 16
-PREFILL_CHUNK = 512
 AUTO = cli.AUTO
 
 
@@ -108,7 +107,7 @@ def _check(args) -> tuple:
     if args.max_batch is None:
         args.max_batch = CPU_MAX_BATCH if cpu else AUTO
     if args.prefill_chunk is None:
-        args.prefill_chunk = CPU_PREFILL_CHUNK if cpu else PREFILL_CHUNK
+        args.prefill_chunk = default_prefill_chunk(mesh.devices.flat[0].platform)
     try:
         check_prefill_chunk(args.prefill_chunk or None)
     except GrokError:
@@ -154,7 +153,9 @@ def _builder(args, config, tokenizer, on_slots: Callable[[int], None]):
             from grok.plan.plan import most_slots
 
             start = time.perf_counter()
-            slots = distributed.agree(most_slots(grok, max_seq_len, args.memory_fraction))
+            slots = distributed.agree(most_slots(grok, max_seq_len, args.memory_fraction,
+                                                 prefill_chunk=args.prefill_chunk or None,
+                                                 deterministic=args.deterministic))
             log.info("--max-batch auto: %d slots of %d positions fit %g of each device's "
                      "memory (sized in %.1f s)", slots, max_seq_len, args.memory_fraction,
                      time.perf_counter() - start)
