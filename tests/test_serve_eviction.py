@@ -16,14 +16,8 @@ pytest.importorskip("fastapi")
 
 import httpx
 import numpy as np
-from conftest import TOKENIZER
-from test_serve import running_server
+from test_serve_prefix import BLOCK, MODEL, cached_server, greedy_texts, load_tiny
 
-from grok import Grok
-from grok.engine.prefix_cache import PrefixCacheSettings
-
-MODEL = "tiny"
-SLOTS, MAX_LEN, BLOCK, CHUNK = 4, 64, 4, 8
 POOL = 4  # blocks
 ATTEMPTS = 5
 RNG = np.random.default_rng(11)
@@ -37,33 +31,23 @@ OTHERS = RNG.integers(3, 4096, (ATTEMPTS + 1, 3, 30)).tolist()
 
 @pytest.fixture(scope="module")
 def grok(fixture_dir):
-    if not TOKENIZER.is_file():
-        pytest.skip(f"tokenizer not found at {TOKENIZER}")
-    return Grok.load(fixture_dir, fixture_dir / "config.json", tokenizer_path=TOKENIZER,
-                     mesh_shape=(1, 1))
+    return load_tiny(fixture_dir)
 
 
 @pytest.fixture(scope="module")
 def expected(grok):
-    """Greedy texts with the cache off, by prompt."""
-    grok.enable_prefix_cache(None)
+    """What the server must give each prompt, by prompt."""
 
     def texts(prompts, new):
-        return {tuple(p): c.text for p, c in zip(prompts, grok.generate(
-            prompts, max_new_tokens=new, temperature=0, ignore_eos=True), strict=True)}
+        return dict(zip(map(tuple, prompts), greedy_texts(grok, prompts, new), strict=True))
     return {**texts(HOLDERS, HOLDER_NEW), **texts(SHARING, 8),
             **texts([p for group in OTHERS for p in group], 2)}
 
 
 @pytest.fixture(scope="module")
 def url(grok, expected):
-    grok.enable_prefix_cache(PrefixCacheSettings(POOL, BLOCK))
-    try:
-        with running_server(grok, lambda: grok.engine(SLOTS, MAX_LEN, prefill_chunk=CHUNK),
-                            MODEL, MAX_LEN, SLOTS) as url:
-            yield url
-    finally:
-        grok.enable_prefix_cache(None)
+    with cached_server(grok, POOL) as url:
+        yield url
 
 
 async def gauges(client) -> dict:

@@ -8,6 +8,7 @@ test_prefix_cache.py for why tokens compare exactly.
 """
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -31,31 +32,49 @@ SLOTS, MAX_LEN, BLOCK, CHUNK = 4, 64, 4, 8
 NEW = 8
 
 
-@pytest.fixture(scope="module")
-def grok(fixture_dir):
+def load_tiny(fixture_dir) -> Grok:
+    """The fixture with the released tokenizer (skips without it), on one device."""
     if not TOKENIZER.is_file():
         pytest.skip(f"tokenizer not found at {TOKENIZER}")
     return Grok.load(fixture_dir, fixture_dir / "config.json", tokenizer_path=TOKENIZER,
                      mesh_shape=(1, 1))
 
 
-@pytest.fixture(scope="module")
-def expected(grok):
-    """Each prompt's greedy text with the cache off and whole prefills."""
-    grok.enable_prefix_cache(None)
-    return [c.text for c in grok.generate(PROMPTS, max_new_tokens=NEW, temperature=0,
-                                          ignore_eos=True)]
-
-
-@pytest.fixture(scope="module")
-def url(grok, expected):
-    grok.enable_prefix_cache(PrefixCacheSettings(64, BLOCK))
+@contextlib.contextmanager
+def cached_server(grok, blocks: int):
+    """A server of `grok` prefilling in chunks, with a prefix cache of `blocks` blocks
+    (off again afterwards); yields its URL."""
+    grok.enable_prefix_cache(PrefixCacheSettings(blocks, BLOCK))
     try:
         with running_server(grok, lambda: grok.engine(SLOTS, MAX_LEN, prefill_chunk=CHUNK),
                             MODEL, MAX_LEN, SLOTS) as url:
             yield url
     finally:
         grok.enable_prefix_cache(None)
+
+
+def greedy_texts(grok, prompts, new: int) -> list[str]:
+    """Each prompt's greedy text with the cache off and whole prefills: what the server
+    must give."""
+    grok.enable_prefix_cache(None)
+    return [c.text for c in grok.generate(prompts, max_new_tokens=new, temperature=0,
+                                          ignore_eos=True)]
+
+
+@pytest.fixture(scope="module")
+def grok(fixture_dir):
+    return load_tiny(fixture_dir)
+
+
+@pytest.fixture(scope="module")
+def expected(grok):
+    return greedy_texts(grok, PROMPTS, NEW)
+
+
+@pytest.fixture(scope="module")
+def url(grok, expected):
+    with cached_server(grok, 64) as url:
+        yield url
 
 
 def counters(http) -> dict:
