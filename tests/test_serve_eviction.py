@@ -8,6 +8,7 @@ fills.
 """
 
 import asyncio
+import contextlib
 import re
 
 import pytest
@@ -26,7 +27,8 @@ RNG = np.random.default_rng(11)
 # Fresh prompts for each attempt: a holder of 16 tokens (four full blocks: the whole pool),
 # a prompt that shares them (and 6 tokens more), and three of 30 (seven blocks each).
 CANDIDATES = RNG.integers(3, 4096, (8 * ATTEMPTS, 16)).tolist()
-HOLDER_NEW = 40  # long enough to run while the others come and go
+MAX_LEN = 256  # the fixture's context: room for a holder that outlasts the others
+HOLDER_NEW = MAX_LEN - 16  # cancelled once the others are done
 OTHERS = RNG.integers(3, 4096, (ATTEMPTS + 1, 3, 30)).tolist()
 
 
@@ -54,7 +56,7 @@ def sharing(grok):
 
 @pytest.fixture(scope="module")
 def url(grok, sharing):
-    with cached_server(grok, POOL) as url:
+    with cached_server(grok, POOL, MAX_LEN) as url:
         yield url
 
 
@@ -77,9 +79,9 @@ async def complete(client, prompt, new) -> dict:
 def test_blocks_in_use_are_never_evicted(url, sharing):
     """While a holder decodes, holding every block: three prompts that want seven blocks
     each get none and evict nothing, and a prompt sharing the holder's blocks reads all
-    four and gets the text of a cache-off run. Once the holder ends, a new prompt evicts
-    its (now idle) blocks. The holder's decode races the others' requests, so fresh
-    prompts are tried until it outlasts them."""
+    four and gets the text of a cache-off run. Once the holder is cancelled, a new prompt
+    evicts its (now idle) blocks. The holder's decode races the others' requests (it
+    decodes for most of the context), so fresh prompts are tried until it outlasts them."""
 
     async def attempt(client, i) -> bool:
         holder_prompt, sharing_prompt, text = sharing[i]
@@ -91,7 +93,9 @@ def test_blocks_in_use_are_never_evicted(url, sharing):
         shared = await complete(client, sharing_prompt, SHARING_NEW)
         during = await gauges(client)
         outlasted = not holder.done()
-        await holder
+        holder.cancel()  # the server frees its slot and blocks
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
         assert shared["choices"][0]["text"] == text
         if not outlasted:
             return False

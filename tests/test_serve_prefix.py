@@ -41,13 +41,13 @@ def load_tiny(fixture_dir) -> Grok:
 
 
 @contextlib.contextmanager
-def cached_server(grok, blocks: int):
+def cached_server(grok, blocks: int, max_len: int = MAX_LEN):
     """A server of `grok` prefilling in chunks, with a prefix cache of `blocks` blocks
     (off again afterwards); yields its URL."""
     grok.enable_prefix_cache(PrefixCacheSettings(blocks, BLOCK))
     try:
-        with running_server(grok, lambda: grok.engine(SLOTS, MAX_LEN, prefill_chunk=CHUNK),
-                            MODEL, MAX_LEN, SLOTS) as url:
+        with running_server(grok, lambda: grok.engine(SLOTS, max_len, prefill_chunk=CHUNK),
+                            MODEL, max_len, SLOTS) as url:
             yield url
     finally:
         grok.enable_prefix_cache(None)
