@@ -242,5 +242,5 @@ def test_run_shape_takes_the_servers_prefill_chunk():
     assert sizes.RunShape(TINY, prefill_chunk=0).resolved("gpu").prefill_chunk == 0
     with pytest.raises(GrokError, match=r"prefill chunk must be a power of two.*24"):
         sizes.RunShape(TINY, prefill_chunk=24)
-    with pytest.raises(GrokError, match="deterministic steps prefill in chunks"):
+    with pytest.raises(GrokError, match="deterministic steps need a prefill chunk"):
         sizes.RunShape(TINY, prefill_chunk=0, deterministic=True)

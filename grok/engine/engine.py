@@ -241,10 +241,7 @@ class Engine:
                     or not low <= value <= high:
                 raise GrokError(f"{name} must be an integer in [{low}, {high}], "
                                 f"got {value!r:.40}")
-        check_prefill_chunk(prefill_chunk)
-        if deterministic and prefill_chunk is None:
-            raise GrokError("deterministic steps need a prefill chunk (their one prefill "
-                            "shape)")
+        check_steps(prefill_chunk, deterministic)
         self.prefill_chunk = prefill_chunk
         self.deterministic = deterministic
         self.grok = grok
@@ -904,3 +901,10 @@ def check_prefill_chunk(chunk: int | None) -> None:
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
                               or chunk < 1 or chunk & (chunk - 1)):
         raise GrokError(f"prefill chunk must be a power of two (or off), got {chunk!r:.40}")
+
+
+def check_steps(prefill_chunk: int | None, deterministic: bool) -> None:
+    """An engine's step settings (None: whole prompts), checked before it is built."""
+    check_prefill_chunk(prefill_chunk)
+    if deterministic and prefill_chunk is None:
+        raise GrokError("deterministic steps need a prefill chunk (their one prefill shape)")

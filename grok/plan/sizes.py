@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from grok import model, sharding
 from grok.config import GrokConfig
-from grok.engine.engine import check_prefill_chunk, default_prefill_chunk, state_shapes
+from grok.engine.engine import check_steps, default_prefill_chunk, state_shapes
 from grok.errors import GrokError
 from grok.layers import check_layer_mode, default_layer_mode
 from grok.params import storage
@@ -77,11 +77,8 @@ class RunShape:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
                 raise GrokError(f"{name} must be a positive integer, got {value!r:.40}")
-        if self.prefill_chunk != 0:
-            check_prefill_chunk(self.prefill_chunk)
-        if self.deterministic and self.prefill_chunk == 0:
-            raise GrokError("deterministic steps prefill in chunks: give a prefill chunk, "
-                            "not 0")
+        if self.prefill_chunk is not None:  # None: the platform's default, a chunk
+            check_steps(self.prefill_chunk or None, self.deterministic)
         if self.max_seq_len is not None and self.max_seq_len > self.config.sequence_len:
             raise GrokError(f"max_seq_len={self.max_seq_len} exceeds the model's context of "
                             f"{self.config.sequence_len}")
