@@ -18,7 +18,7 @@ pytest.importorskip("fastapi")
 import httpx
 import numpy as np
 from test_generate import clear_steps, gaps_of
-from test_serve_prefix import BLOCK, MODEL, cached_server, load_tiny
+from test_serve_prefix import BLOCK, MODEL, cached_server, greedy_runs, load_tiny
 
 POOL = 4  # blocks
 ATTEMPTS = 5
@@ -46,8 +46,7 @@ def sharing(grok):
     blocks are held and evicted."""
     suffixes = RNG.integers(3, 4096, (len(CANDIDATES), 6)).tolist()
     prompts = [h + s for h, s in zip(CANDIDATES, suffixes, strict=True)]
-    grok.enable_prefix_cache(None)
-    runs = grok.generate(prompts, max_new_tokens=SHARING_NEW, temperature=0, ignore_eos=True)
+    runs = greedy_runs(grok, prompts, SHARING_NEW)
     chosen = [(h, p, c.text) for h, p, c in zip(CANDIDATES, prompts, runs, strict=True)
               if clear_steps(gaps_of(c)) == SHARING_NEW]
     assert len(chosen) >= ATTEMPTS

@@ -53,12 +53,11 @@ def cached_server(grok, blocks: int, max_len: int = MAX_LEN):
         grok.enable_prefix_cache(None)
 
 
-def greedy_texts(grok, prompts, new: int) -> list[str]:
-    """Each prompt's greedy text with the cache off and whole prefills: what the server
-    must give."""
+def greedy_runs(grok, prompts, new: int) -> list:
+    """Each prompt's greedy completion with the cache off and whole prefills: what the
+    server must give."""
     grok.enable_prefix_cache(None)
-    return [c.text for c in grok.generate(prompts, max_new_tokens=new, temperature=0,
-                                          ignore_eos=True)]
+    return grok.generate(prompts, max_new_tokens=new, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def grok(fixture_dir):
 
 @pytest.fixture(scope="module")
 def expected(grok):
-    return greedy_texts(grok, PROMPTS, NEW)
+    return [c.text for c in greedy_runs(grok, PROMPTS, NEW)]
 
 
 @pytest.fixture(scope="module")
