@@ -318,8 +318,8 @@ class GenerationRun:
 
     def programs(self) -> list[tuple]:
         """The programs this run compiles as it goes (`Engine.programs()` keys, in the
-        scheduler's order: prefills grouped by prompt bucket, then decode steps by the
-        attended length), so that a caller can compile them first (`Engine.warmup`)."""
+        scheduler's order: prefills grouped by prompt bucket, then the decode step), so
+        that a caller can compile them first (`Engine.warmup`)."""
         engine = self.engine
         lengths = [len(r.prompt_ids) for r in self.requests]
         keys: list[tuple] = [("init",)]
@@ -328,8 +328,8 @@ class GenerationRun:
                  for group in engine.prefill_groups(lengths)]
         last = max(n + r.settings.max_new_tokens - 1 for n, r in zip(lengths, self.requests,
                                                                      strict=True))
-        keys += [("decode", engine.slots, engine.attend_bucket(filled))
-                 for filled in range(max(lengths) + 1, last + 1)]
+        if last > max(lengths):
+            keys.append(("decode", engine.slots))
         cache = engine.grok.prefix_cache
         if cache is not None and max(lengths) >= cache.block_size:
             # Full blocks are saved; which prompts continue cached blocks (and the

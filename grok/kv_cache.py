@@ -86,8 +86,9 @@ def read_layer(buffer: jax.Array,  # [L, B0, K, S0, C]
                rows: int | jax.Array,  # the first `rows` rows, or i32[B]: these rows
                slots: int) -> jax.Array:  # -> [B, K, slots, C]
     """The first `slots` positions of some rows of layer `layer`: what attention reads.
-    A row index out of range (padding) reads zeros."""
-    _, _, k, _, c = buffer.shape
-    if isinstance(rows, int):
-        return jax.lax.dynamic_slice(buffer, (layer, 0, 0, 0, 0), (1, rows, k, slots, c))[0]
+    A row index out of range (padding) reads zeros. Rows are gathered, the first `rows`
+    too: sliced instead, inside a step's choice of attention length (`model.Reach`), they
+    made XLA:GPU relay out every layer's cache at each step (with one query head per key
+    head)."""
+    rows = jnp.arange(rows) if isinstance(rows, int) else rows
     return buffer.at[layer, rows, :, :slots].get(mode="fill", fill_value=0)

@@ -18,6 +18,8 @@ the release's, so its checkpoint loads into this tree unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import haiku as hk
@@ -100,6 +102,18 @@ def soft_cap(logits, cap: float = ATTN_SOFT_CAP):
     return cap * jnp.tanh(logits / cap)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["index"],
+                   meta_fields=["lengths"])
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    """How much of the cache a step's attention reads: the first `lengths[index]` slots,
+    one of a few static lengths chosen as the step runs. One program then serves a cache
+    however full (a branch per length) and still reads only the length chosen."""
+
+    lengths: tuple[int, ...]  # ascending; the last is the key mask's S
+    index: jax.Array  # i32[]
+
+
 class Part(NamedTuple):
     """Where one part of a step's tokens sits, as attention needs it. A step may run
     several parts (a decode step's rows and a prompt chunk) that share every weight read
@@ -110,6 +124,7 @@ class Part(NamedTuple):
     starts: jax.Array | None  # i32[B]: the cache slot the first token goes to (no cache: None)
     rows: jax.Array | None  # i32[B]: the cache row continued (None: row b)
     live: jax.Array | None  # bool[B, T]: a row's first num_new tokens (None: all)
+    reach: Reach | None = None  # the cache slots read (None: the key mask's S)
 
 
 def joined(fn, xs: tuple[jax.Array, ...], *more: tuple[jax.Array, ...]) -> tuple:
@@ -172,22 +187,38 @@ class Attention(hk.Module):
         outs = []
         for part, (q, k, v) in zip(parts, news, strict=True):
             b, t = q.shape[:2]
-            if kv is not None:
-                s = part.key_mask.shape[-1]
-                k, v = (read_layer(a, layer, b if part.rows is None else part.rows, s)
-                        for a in kv)  # [B, K, S, C]
-            else:
-                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S=T, C]
             q = q.reshape(b, t, k_heads, r, c)
-            logits = jnp.einsum("btkrc,bksc->bkrts", q, k, preferred_element_type=jnp.float32)
-            logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
-            logits = soft_cap(logits * cfg.attn_output_multiplier)
-            logits = jnp.where(part.key_mask[:, None, None, :, :], logits, MASK_VALUE)
-            weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
-            out = jnp.einsum("bkrts,bksc->btkrc", weights, v,
-                             preferred_element_type=jnp.float32)
-            outs.append(out.astype(ACT_DTYPE).reshape(b, t, cfg.emb_size))
+            if kv is None:  # [B, K, S=T, C]
+                out = self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                   part.key_mask)
+            else:
+                rows = b if part.rows is None else part.rows
+
+                def first(s, q=q, rows=rows, part=part):  # the cache's first s slots
+                    k, v = (read_layer(a, layer, rows, s) for a in kv)  # [B, K, S, C]
+                    return self._attend(q, k, v, part.key_mask[..., :s])
+
+                reach = part.reach
+                if reach is None or len(reach.lengths) == 1:
+                    out = first(part.key_mask.shape[-1])
+                else:
+                    out = jax.lax.switch(reach.index, [functools.partial(first, s)
+                                                       for s in reach.lengths])
+            outs.append(out.reshape(b, t, cfg.emb_size))
         return joined(Linear(cfg.emb_size, name="linear"), tuple(outs)), kv
+
+    def _attend(self, q: jax.Array,  # [B, T, K, R, C]
+                k: jax.Array,  # [B, K, S, C]
+                v: jax.Array,  # [B, K, S, C]
+                key_mask: jax.Array,  # bool[B, T, S]
+                ) -> jax.Array:  # [B, T, K, R, C]
+        logits = jnp.einsum("btkrc,bksc->bkrts", q, k, preferred_element_type=jnp.float32)
+        logits = logits.astype(ACT_DTYPE).astype(jnp.float32)  # the release's bf16 einsum
+        logits = soft_cap(logits * self.config.attn_output_multiplier)
+        logits = jnp.where(key_mask[:, None, None, :, :], logits, MASK_VALUE)
+        weights = jax.nn.softmax(logits, axis=-1).astype(ACT_DTYPE)  # [B, K, R, T, S]
+        out = jnp.einsum("bkrts,bksc->btkrc", weights, v, preferred_element_type=jnp.float32)
+        return out.astype(ACT_DTYPE)
 
 
 class LayerRouting(NamedTuple):
@@ -343,7 +374,8 @@ class LanguageModel(hk.Module):
         self.transformer = transformer
 
     def __call__(self, tokens, cache: KVCache | None = None, num_new=None,
-                 attend_len: int | None = None, with_routing: bool = False, rows=None):
+                 attend_len: int | Reach | None = None, with_routing: bool = False,
+                 rows=None):
         """Logits [B, T, V] (bf16) for tokens [B, T], and the updated cache (or None);
         with `with_routing`, also every layer's `LayerRouting` ([B, T, L, X] / [B, T, L]).
 
@@ -351,8 +383,9 @@ class LanguageModel(hk.Module):
         cache's first B rows (it may hold more, left untouched), each at slot
         `cache.lengths[b]`; the first `num_new[b]` of them are real (the rest right
         padding, default: all T), and the row's length advances by that many. Attention
-        then reads the first `attend_len` slots (static; default all): the caller keeps it
-        above every row's new length, and the cache must have room for the new tokens.
+        then reads the first `attend_len` slots (static; default all), or as many as a
+        `Reach` chooses: the caller keeps it above every row's new length, and the cache
+        must have room for the new tokens.
         `rows` (i32[B]) makes token row b continue cache row `rows[b]` instead: a prefill
         into chosen slots of a decode state; a row out of range (padding) writes nothing.
 
@@ -386,14 +419,17 @@ class LanguageModel(hk.Module):
                 key_valid = write_rows(
                     cache.key_valid.at[seg.rows].get(mode="fill", fill_value=False),
                     valid, starts)
-            slots = jnp.arange(key_valid.shape[1] if attend_len is None else attend_len)
+            span = (key_valid.shape[1] if attend_len is None else attend_len.lengths[-1]
+                    if isinstance(attend_len, Reach) else attend_len)
+            slots = jnp.arange(span)
             key_mask = ((slots[None, None, :] <= positions[:, :, None])
                         & key_valid[:, None, :slots.shape[0]])  # [B, T, S]
             live = None  # every token real (one segment without num_new)
             if seg.num_new is not None or several:  # segments all say, to be joined
                 real = jnp.full((b,), t) if seg.num_new is None else seg.num_new
                 live = jnp.arange(t)[None, :] < real[:, None]
-            parts.append(Part(positions, key_mask, starts, seg.rows, live))
+            parts.append(Part(positions, key_mask, starts, seg.rows, live,
+                              attend_len if isinstance(attend_len, Reach) else None))
             valids.append(key_valid)
 
         embed = InOutEmbed(cfg)

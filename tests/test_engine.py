@@ -246,7 +246,7 @@ def test_warmup_compiles_every_step_a_request_can_need(grok):
     engine = grok.engine(2, 32)
     engine.warmup()
     count = engine.compile_count
-    assert count == 1 + 2 * 2 * 2  # init; (prefill, decode) x 2 rows x 2 lengths
+    assert count == 1 + 2 * (2 + 1)  # init; per row bucket, prefill x 2 lengths and decode
     sched = Scheduler(engine)
     for prompt, new in ((P0, 4), (PB + PA, 8), (PA, 20), ((PB + PA + P0)[:30], 2)):
         sched.submit(engine.make_request(prompt, settings(max_new_tokens=new)))
@@ -264,9 +264,8 @@ def test_accelerator_bucket_policy(grok, solo):
     assert engine.prompt_buckets() == [16, 32, 64] and engine.attend_buckets() == [32, 64]
     assert [engine.max_prefill_batch(n) for n in (16, 32, 64)] == [2, 1, 1]
     assert engine.warmup_keys() == [
-        ("init",), ("prefill", 1, 16), ("prefill", 1, 32), ("prefill", 1, 64),
-        ("decode", 1, 32), ("decode", 1, 64), ("prefill", 2, 16), ("decode", 2, 32),
-        ("decode", 2, 64), ("decode", 4, 32), ("decode", 4, 64)]
+        ("init",), ("prefill", 1, 16), ("prefill", 1, 32), ("prefill", 1, 64), ("decode", 1),
+        ("prefill", 2, 16), ("decode", 2), ("decode", 4)]
     done, running = run(engine, [(0, name, settings()) for name in ("P0", "PA", "PB")])
     assert running[0] == 3  # three prompts of bucket 16 admitted at once, in two prefills
     prefills = sorted(k for k in engine.programs() if k[0] == "prefill")

@@ -16,6 +16,7 @@ from grok.model import (
     Attention,
     MoE,
     Part,
+    Reach,
     RMSNorm,
     Segment,
     abstract_params,
@@ -573,6 +574,33 @@ def test_kv_cache_matches_full_forward(nano):
     # the cache really is used: the last token without its context (at position 0) differs
     alone = np.asarray(apply(params, jnp.asarray(np.roll(seq0, 1)[None]))[0])[0, 0]
     assert ulp_distance(alone, full[0, T - 1]).max() > 2
+
+
+def test_a_reach_reads_only_the_length_it_chooses(nano):
+    """A 20-token prompt and a decode step through a cache of 64 slots whose slots from 32
+    on hold NaN, attending as far as a `Reach` of (16, 32, 64) chooses at run time. Chosen
+    32, they give the bits of a step compiled to attend 32 slots (the branch is that
+    step's arithmetic), with no NaN: the unchosen branches read nothing. Chosen 64, the
+    NaN comes through (0 x NaN is NaN), so the choice is not a mask over a full read."""
+    params, _ = nano
+    tokens = jnp.asarray(np.random.default_rng(15).integers(1, NANO.vocab_size, (1, 21)))
+    cache = init_cache(NANO, 1, max_len=64)
+    cache = cache._replace(k=cache.k.at[:, :, :, 32:].set(jnp.nan),
+                           v=cache.v.at[:, :, :, 32:].set(jnp.nan))
+    reach_apply = jax.jit(build(NANO).apply)
+    static_apply = jax.jit(build(NANO).apply, static_argnames="attend_len")
+
+    def steps(attend_len):
+        apply = static_apply if isinstance(attend_len, int) else reach_apply
+        prefilled, after = apply(params, tokens[:, :20], cache, attend_len=attend_len)
+        decoded, _ = apply(params, tokens[:, 20:], after, attend_len=attend_len)
+        return np.concatenate([np.asarray(prefilled, np.float32)[0],
+                               np.asarray(decoded, np.float32)[0]])
+
+    chosen = steps(Reach((16, 32, 64), jnp.int32(1)))
+    assert np.isfinite(chosen).all()
+    np.testing.assert_array_equal(chosen, steps(32))
+    assert np.isnan(steps(Reach((16, 32, 64), jnp.int32(2)))).all()
 
 
 def test_segments_share_a_step_and_give_the_numbers_of_separate_steps(nano):

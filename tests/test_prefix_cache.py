@@ -138,7 +138,7 @@ def test_warmup_covers_chunks_cached_prefixes_and_mixed_steps(grok):
             scheduler.step()
         assert scheduler.stats.mixed_steps > 0
         kinds = {key[0] for key in engine.programs()}
-        assert {"mixed", "extend", "load_blocks", "save_blocks"} <= kinds
+        assert {"mixed", "prefill", "load_blocks", "save_blocks"} <= kinds
         assert set(engine.programs()) <= set(engine.warmup_keys())
     finally:
         grok.enable_prefix_cache(None)

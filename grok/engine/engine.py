@@ -14,7 +14,9 @@ done, is the scheduler's business (`grok.engine.scheduler`).
 Shapes are bucketed so that a few compiled programs serve every request: prefill batches and
 the decode rows to powers of two (padded to the mesh's data axis), prompt lengths and the
 attended part of the cache to powers of two from a floor (`Buckets`, per platform), and
-with chunked prefill no prompt part is longer than a chunk. Each
+with chunked prefill no prompt part is longer than a chunk. A step that reads the cache
+chooses its attention bucket as it runs (`model.Reach`: one branch per bucket), so no
+program is specialised to how full the cache is. Each
 program is compiled ahead of time once per shape and kept; `warmup` compiles all of them.
 Every array of the decode state declares its layout in `STATE_SPECS`, so placements are
 looked up, not guessed.
@@ -39,7 +41,7 @@ from grok.engine.prefix_cache import POOL_SPECS, BlockPool, PrefixCache
 from grok.engine.request import GenerationSettings, Request, allowed_mask, make_request
 from grok.errors import GrokError
 from grok.kv_cache import KVCache, init_cache
-from grok.model import Segment
+from grok.model import Reach, Segment
 from grok.quant import storage_dtype
 from grok.routing import Tally, tally
 from grok.sampling import (
@@ -267,6 +269,7 @@ class Engine:
         self._state_shardings = self._shardings(STATE_SPECS)
         self.mask_words = mask_words(cfg.vocab_size)
         self._all_tokens: dict[int, jax.Array] = {}  # rows -> masks allowing every token
+        self._indices: dict[int, jax.Array] = {}  # i -> i32[] i on the devices
 
     # --- requests ------------------------------------------------------------------------
 
@@ -299,7 +302,10 @@ class Engine:
         return self._ladder(self.buckets.min_prompt)
 
     def attend_buckets(self) -> list[int]:
-        """Attention buckets (the attended part of the cache) up to the cache length."""
+        """Attention buckets (the attended part of the cache) up to the cache length: the
+        lengths a step's attention chooses among as it runs."""
+        if self.deterministic:
+            return [self.max_seq_len]
         return self._ladder(self.buckets.min_attend)
 
     def rows_for(self, n: int) -> int:
@@ -310,11 +316,6 @@ class Engine:
         if self.deterministic:
             return min(self.prefill_chunk, self.max_seq_len)
         return bucket(longest, cap=self.max_seq_len, minimum=self.buckets.min_prompt)
-
-    def attend_bucket(self, filled: int) -> int:
-        if self.deterministic:
-            return self.max_seq_len
-        return bucket(filled, cap=self.max_seq_len, minimum=self.buckets.min_attend)
 
     def prefill_groups(self, prompt_lengths: Sequence[int]) -> list[list[int]]:
         """Which prompts (indices, in order) share a prefill: one prefill per prompt-length
@@ -334,15 +335,26 @@ class Engine:
         return max(fitting, default=self._row_buckets[0])
 
     def prefill_key(self, rows: Sequence[PrefillRow]) -> tuple:
-        """The program a prefill of these rows runs: ("prefill", batch, length) when every
-        row starts a prompt (it attends to its own tokens only), else ("extend", batch,
-        length, attend), which also attends to what the slots hold."""
-        batch = self.rows_for(len(rows))
-        length = self.prompt_bucket(max(r.stop - r.start for r in rows))
-        if all(r.start == 0 for r in rows) and not self.deterministic:
-            return ("prefill", batch, length)
-        return ("extend", batch, length, max(length, self.attend_bucket(
-            max(r.stop for r in rows))))
+        """The program a prefill of these rows runs: ("prefill", batch, length), whether
+        the rows start their prompts or continue them (after a chunk, a cached prefix)."""
+        return ("prefill", self.rows_for(len(rows)),
+                self.prompt_bucket(max(r.stop - r.start for r in rows)))
+
+    def _reach(self, key: tuple) -> tuple[int, ...]:
+        """The attention buckets a step of program `key` chooses among: for a prefill,
+        those that hold its part; all for decode steps."""
+        kind, *shape = key
+        least = shape[1] if kind == "prefill" else 1
+        return tuple(a for a in self.attend_buckets() if a >= least)
+
+    def _reach_index(self, key: tuple, filled: int) -> jax.Array:
+        """i32[] on the devices: which of `_reach(key)` a step whose rows fill `filled`
+        cache slots reads."""
+        lengths = self._reach(key)
+        i = next((i for i, n in enumerate(lengths) if n >= filled), len(lengths) - 1)
+        if i not in self._indices:
+            self._indices[i] = self._put(np.int32(i), REPLICATED)
+        return self._indices[i]
 
     # --- the steps ---------------------------------------------------------------------------
 
@@ -359,13 +371,14 @@ class Engine:
         prompt's log-probabilities (computed only then)."""
         n = len(rows)
         key = self.prefill_key(rows)
-        batch, length = key[1:3]
+        _, batch, length = key
         if not 1 <= n <= self.max_prefill_batch(length):
             raise ValueError(f"a prefill of prompt bucket {length} takes 1 to "
                              f"{self.max_prefill_batch(length)} rows, got {n}")
         self._check_rows(rows)
         arrays = self._prefill_arrays(rows, batch, length)
-        args = (self.grok.params, state, *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
+        args = (self.grok.params, state, self._reach_index(key, max(r.stop for r in rows)),
+                *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
         state, first, tally, scores = self._prefill_step(key, args)(*args)
         scored = any(r.request.settings.prompt_logprobs for r in rows)
         first, tally, scores = jax.device_get((first, tally, scores if scored else None))
@@ -391,12 +404,12 @@ class Engine:
         if part.stop - part.start > length:
             raise ValueError(f"a mixed step's part holds at most {length} tokens, got "
                              f"{part[1:]}")
-        attend = self.attend_bucket(max(filled, part.stop))
         arrays = self._prefill_arrays([part], self._row_buckets[0], length)
         args = (self.grok.params, state, active, self._token_masks(rows, masks),
+                self._reach_index(("mixed", rows), max(filled, part.stop)),
                 *jax.tree.map(self._put, arrays, PREFILL_INPUT_SPECS))
         state, drawn, first, decode_tally, prefill_tally, scores = \
-            self._mixed_step(rows, attend, args)(*args)
+            self._mixed_step(rows, args)(*args)
         scored = part.request.settings.prompt_logprobs
         drawn, first, decode_tally, prefill_tally, scores = jax.device_get(
             (drawn, first, decode_tally, prefill_tally, scores if scored else None))
@@ -462,9 +475,9 @@ class Engine:
         by slot), the others drawing from all. Returns the new state and the draws of the
         first `rows` slots, on the host. Deterministic steps decode every slot."""
         rows = self.slots if self.deterministic else rows
-        attend = self.attend_bucket(filled)
-        args = (self.grok.params, state, active, self._token_masks(rows, masks))
-        state, drawn, tally = self._decode_step(rows, attend, args)(*args)
+        args = (self.grok.params, state, active, self._token_masks(rows, masks),
+                self._reach_index(("decode", rows), filled))
+        state, drawn, tally = self._decode_step(rows, args)(*args)
         drawn, tally = jax.device_get((drawn, tally))
         self._count("decode", tally)
         return state, drawn
@@ -496,24 +509,17 @@ class Engine:
         blocks = ([("load_blocks", cache.settings), ("save_blocks", cache.settings)]
                   if cache is not None and self.max_seq_len >= cache.block_size else [])
         if self.deterministic:
-            return [("init",), ("extend", self._row_buckets[0], self.prompt_bucket(1),
-                                self.max_seq_len), ("decode", self.slots, self.max_seq_len),
-                    *blocks]
+            return [("init",), ("prefill", self._row_buckets[0], self.prompt_bucket(1)),
+                    ("decode", self.slots), *blocks]
         chunk = self.prefill_chunk or self.max_seq_len
         lengths = [n for n in self.prompt_buckets() if n <= max(chunk, self.buckets.min_prompt)]
         keys: list[tuple] = [("init",)]
         for batch in self.row_buckets():
             keys += [("prefill", batch, length) for length in lengths
                      if batch <= self.max_prefill_batch(length)]
-            keys += [("decode", batch, attend) for attend in self.attend_buckets()]
+            keys.append(("decode", batch))
             if self.mixes:
-                keys += [("mixed", batch, attend) for attend in self.attend_buckets()]
-        # Prompts continued: after a chunk, batched; after a cached prefix, one at a time.
-        batches = (self.row_buckets() if self.prefill_chunk is not None
-                   else self._row_buckets[:1] if cache is not None else [])
-        keys += [("extend", batch, length, attend) for batch in batches for length in lengths
-                 if batch <= self.max_prefill_batch(length)
-                 for attend in self.attend_buckets() if attend >= length]
+                keys.append(("mixed", batch))
         return keys + blocks
 
     def warmup(self, keys: Sequence[tuple] | None = None,
@@ -537,9 +543,10 @@ class Engine:
         if kind == "init":
             return self._init_step()
         params, state = self.grok.params, self.state_shapes()
-        if kind in ("prefill", "extend"):
-            batch, length = shape[:2]
-            return self._prefill_step(key, (params, state, *jax.tree.map(
+        index = self._abstract((), jnp.int32, REPLICATED)
+        if kind == "prefill":
+            batch, length = shape
+            return self._prefill_step(key, (params, state, index, *jax.tree.map(
                 lambda a, spec: self._abstract(a.shape, a.dtype, spec),
                 self._prefill_inputs(batch, length), PREFILL_INPUT_SPECS)))
         if kind in ("load_blocks", "save_blocks"):
@@ -555,12 +562,12 @@ class Engine:
                 args += (scalar, self._abstract((self.max_seq_len,), jnp.bool_, REPLICATED))
             return self._blocks_step(kind, cache, args)
         if kind in ("decode", "mixed"):
-            rows, attend = shape
+            rows, = shape
             args = (params, state, self._abstract((self.slots,), jnp.bool_, ROWS),
-                    self._abstract((rows, self.mask_words), jnp.int32, ROWS_BY_WORD))
+                    self._abstract((rows, self.mask_words), jnp.int32, ROWS_BY_WORD), index)
             if kind == "decode":
-                return self._decode_step(rows, attend, args)
-            return self._mixed_step(rows, attend, (*args, *jax.tree.map(
+                return self._decode_step(rows, args)
+            return self._mixed_step(rows, (*args, *jax.tree.map(
                 lambda a, spec: self._abstract(a.shape, a.dtype, spec),
                 self._prefill_inputs(self._row_buckets[0], self.mixed_length),
                 PREFILL_INPUT_SPECS)))
@@ -577,8 +584,8 @@ class Engine:
 
     def programs(self) -> dict[tuple, jax.stages.Compiled]:
         """Every program compiled so far, by key: ("init",), ("prefill", batch, length),
-        ("extend", batch, length, attend), ("decode", rows, attend), ("mixed", rows,
-        attend), ("load_blocks", settings), ("save_blocks", settings). For sizing and
+        ("decode", rows), ("mixed", rows), ("load_blocks", settings), ("save_blocks",
+        settings). For sizing and
         inspection (`memory_analysis`, `as_text`)."""
         return dict(self._compiled)
 
@@ -628,12 +635,10 @@ class Engine:
         return self._compiled_step(("init",), self._init_fn(), (), "empty decode state")
 
     def _prefill_step(self, key: tuple, args):
-        kind, batch, length, *attend = key
-        what = (f"prefill (batch {batch}, prompt bucket {length})" if kind == "prefill" else
-                f"prefill continuing a cache (batch {batch}, part bucket {length}, "
-                f"attending {attend[0]})")
-        return self._compiled_step(key, self._prefill_fn(attend[0] if attend else length),
-                                   args, what, donate=(1,))
+        _, batch, length = key
+        return self._compiled_step(key, self._prefill_fn(self._reach(key)), args,
+                                   f"prefill (batch {batch}, prompt bucket {length})",
+                                   donate=(1,))
 
     def _blocks_step(self, kind: str, cache: PrefixCache, args):
         what = {"load_blocks": "copy from the prefix cache",
@@ -642,23 +647,24 @@ class Engine:
         return self._compiled_step((kind, cache.settings), fn, args, what,
                                    donate=(0,) if kind == "load_blocks" else (1,))
 
-    def _decode_step(self, rows: int, attend: int, args):
-        return self._compiled_step(("decode", rows, attend), self._decode_fn(rows, attend),
-                                   args, f"decode step (rows {rows}, attending {attend})",
-                                   donate=(1,))
+    def _decode_step(self, rows: int, args):
+        key = ("decode", rows)
+        return self._compiled_step(key, self._decode_fn(rows, self._reach(key)), args,
+                                   f"decode step (rows {rows})", donate=(1,))
 
-    def _mixed_step(self, rows: int, attend: int, args):
-        return self._compiled_step(("mixed", rows, attend), self._mixed_fn(rows, attend), args,
+    def _mixed_step(self, rows: int, args):
+        key = ("mixed", rows)
+        return self._compiled_step(key, self._mixed_fn(rows, self._reach(key)), args,
                                    f"decode step with a prompt part (rows {rows}, part "
-                                   f"{self.mixed_length}, attending {attend})", donate=(1,))
+                                   f"{self.mixed_length})", donate=(1,))
 
     # --- the traced functions -------------------------------------------------------------
 
     def _init_fn(self):
         return init_state_fn(self.config, self.slots, self.max_seq_len, self.cache_dtype)
 
-    def _prefill_fn(self, attend: int):
-        def prefill(params, state: DecodeState, slots, starts, tokens, lengths, seeds,
+    def _prefill_fn(self, reach: tuple[int, ...]):
+        def prefill(params, state: DecodeState, index, slots, starts, tokens, lengths, seeds,
                     sampling, allowed, controls, targets, masks):
             """Rows [Bp] continue their slots `slots` (out of range: padding) from
             `starts`; what a slot held past its start (an earlier request's) is forgotten.
@@ -667,8 +673,8 @@ class Engine:
             narrow this draw only (a grammar's first token); `allowed` is the request's."""
             cache = _forget_past(state.cache, slots, starts)
             logits, cache, routing = self.grok.model.apply(
-                params, tokens, cache, num_new=lengths, attend_len=attend, with_routing=True,
-                rows=slots)
+                params, tokens, cache, num_new=lengths, attend_len=Reach(reach, index),
+                with_routing=True, rows=slots)
             state, first = _prefilled(state._replace(cache=cache), logits, slots, lengths,
                                       seeds, sampling, allowed, controls, masks)
             return (state, first, self._tally(routing, _real(tokens, lengths)),
@@ -681,22 +687,22 @@ class Engine:
             return None
         return tally(routing, real, self.config.num_experts)
 
-    def _decode_fn(self, rows: int, attend: int):
-        def decode(params, state: DecodeState, active, masks):
+    def _decode_fn(self, rows: int, reach: tuple[int, ...]):
+        def decode(params, state: DecodeState, active, masks, index):
             """Feeds each of the first `rows` slots its last token; free slots add
             nothing to the cache (num_new 0) and their draws are ignored. `masks`
             [rows, ceil(V / 32)]: packed tokens each row may draw this step."""
             on = active[:rows]
             logits, cache, routing = self.grok.model.apply(
                 params, state.tokens[:rows, None], state.cache, num_new=on.astype(jnp.int32),
-                attend_len=attend, with_routing=True)
+                attend_len=Reach(reach, index), with_routing=True)
             state, drawn = _decoded(state._replace(cache=cache), logits, on, masks)
             return state, drawn, self._tally(routing, on[:, None])
         return decode
 
-    def _mixed_fn(self, rows: int, attend: int):
-        def mixed(params, state: DecodeState, active, masks, slots, starts, tokens, lengths,
-                  seeds, sampling, allowed, controls, targets, prefill_masks):
+    def _mixed_fn(self, rows: int, reach: tuple[int, ...]):
+        def mixed(params, state: DecodeState, active, masks, index, slots, starts, tokens,
+                  lengths, seeds, sampling, allowed, controls, targets, prefill_masks):
             """A decode step of the first `rows` slots (as `decode`) and a prefill (as
             `prefill`) in one pass of the model. A prefilled slot is not decoding, so
             the two touch different slots, but for a free row among the first `rows`:
@@ -708,7 +714,7 @@ class Engine:
                 self.grok.model.apply(
                     params, (Segment(state.tokens[:rows, None], on.astype(jnp.int32)),
                              Segment(tokens, lengths, slots)),
-                    cache, attend_len=attend, with_routing=True)
+                    cache, attend_len=Reach(reach, index), with_routing=True)
             state, drawn = _decoded(state._replace(cache=cache), decode_logits, on, masks)
             state, first = _prefilled(state, prefill_logits, slots, lengths, seeds, sampling,
                                       allowed, controls, prefill_masks)
@@ -741,7 +747,6 @@ class Engine:
         scores_out = PromptScores(*(replicated,) * 4)
         return {"init": self._state_shardings,
                 "prefill": (self._state_shardings, sample_out, tally_out, scores_out),
-                "extend": (self._state_shardings, sample_out, tally_out, scores_out),
                 "decode": (self._state_shardings, sample_out, tally_out),
                 "mixed": (self._state_shardings, sample_out, sample_out, tally_out, tally_out,
                           scores_out),

@@ -25,8 +25,8 @@ from grok.plan import hlo, sizes, targets
 from grok.plan.sizes import Footprint, RunShape, gib
 from grok.quant import QuantizedWeight4bit, is_quantized
 
-PROGRAM_KINDS = ("init", "prefill", "extend", "decode", "mixed")
-STEP_KINDS = ("prefill", "extend", "decode", "mixed")  # programs that run the model on the state
+PROGRAM_KINDS = ("init", "prefill", "decode", "mixed")
+STEP_KINDS = ("prefill", "decode", "mixed")  # programs that run the model on the state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,8 @@ class ProgramReport:
     @property
     def name(self) -> str:
         kind, *shape = self.key
-        labels = {"prefill": ("batch", "prompt"), "extend": ("batch", "part", "attending"),
-                  "decode": ("rows", "attending"), "mixed": ("rows", "attending")}.get(kind)
+        labels = {"prefill": ("batch", "prompt"), "decode": ("rows",),
+                  "mixed": ("rows",)}.get(kind)
         if labels is None:  # init, and the block copies (keyed by the cache's settings)
             return kind
         return " ".join([kind, *(f"{a} {b}" for a, b in zip(labels, shape, strict=True))])
