@@ -166,7 +166,7 @@ class Attention(hk.Module):
         written at slot `starts[b]` of cache row `rows[b]` of layer `layer`, every part's
         before any is read (so a later part's writes win where two parts write one slot),
         and that row's first S slots (S from key_mask: the filled part of the cache,
-        bucketed) are attended.
+        bucketed; or the part's `Reach`, chosen as the step runs) are attended.
         """
         cfg = self.config
         k_heads, r, c = cfg.num_kv_heads, cfg.q_per_kv, cfg.key_size
