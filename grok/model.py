@@ -401,6 +401,8 @@ class LanguageModel(hk.Module):
         segments = tokens if several else (Segment(tokens, num_new, rows),)
         if several and (cache is None or num_new is not None or rows is not None):
             raise ValueError("segments continue a cache and carry their own num_new and rows")
+        reach = attend_len if isinstance(attend_len, Reach) else None
+        span = attend_len if reach is None else reach.lengths[-1]  # None: the whole cache
         parts, valids = [], []
         for seg in segments:
             b, t = seg.tokens.shape
@@ -419,17 +421,14 @@ class LanguageModel(hk.Module):
                 key_valid = write_rows(
                     cache.key_valid.at[seg.rows].get(mode="fill", fill_value=False),
                     valid, starts)
-            span = (key_valid.shape[1] if attend_len is None else attend_len.lengths[-1]
-                    if isinstance(attend_len, Reach) else attend_len)
-            slots = jnp.arange(span)
+            slots = jnp.arange(key_valid.shape[1] if span is None else span)
             key_mask = ((slots[None, None, :] <= positions[:, :, None])
                         & key_valid[:, None, :slots.shape[0]])  # [B, T, S]
             live = None  # every token real (one segment without num_new)
             if seg.num_new is not None or several:  # segments all say, to be joined
                 real = jnp.full((b,), t) if seg.num_new is None else seg.num_new
                 live = jnp.arange(t)[None, :] < real[:, None]
-            parts.append(Part(positions, key_mask, starts, seg.rows, live,
-                              attend_len if isinstance(attend_len, Reach) else None))
+            parts.append(Part(positions, key_mask, starts, seg.rows, live, reach))
             valids.append(key_valid)
 
         embed = InOutEmbed(cfg)

@@ -263,6 +263,8 @@ class Engine:
             sizes.add(min(self.slots, sharding.padded_batch(grok.mesh, n)))
             n *= self.buckets.row_ratio
         self._row_buckets = tuple(sorted(sizes))
+        self._attend_buckets = ((max_seq_len,) if deterministic
+                                else tuple(self._ladder(self.buckets.min_attend)))
         self._compiled: dict[tuple, object] = {}
         self.compile_times: dict[tuple, float] = {}  # seconds each program took to compile
         self.compile_seconds = 0.0
@@ -304,9 +306,7 @@ class Engine:
     def attend_buckets(self) -> list[int]:
         """Attention buckets (the attended part of the cache) up to the cache length: the
         lengths a step's attention chooses among as it runs."""
-        if self.deterministic:
-            return [self.max_seq_len]
-        return self._ladder(self.buckets.min_attend)
+        return list(self._attend_buckets)
 
     def rows_for(self, n: int) -> int:
         """The compiled batch that holds `n` rows."""
@@ -345,7 +345,7 @@ class Engine:
         those that hold its part; all for decode steps."""
         kind, *shape = key
         least = shape[1] if kind == "prefill" else 1
-        return tuple(a for a in self.attend_buckets() if a >= least)
+        return tuple(a for a in self._attend_buckets if a >= least)
 
     def _reach_index(self, key: tuple, filled: int) -> jax.Array:
         """i32[] on the devices: which of `_reach(key)` a step whose rows fill `filled`
