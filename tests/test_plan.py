@@ -240,7 +240,21 @@ def test_run_shape_takes_the_servers_prefill_chunk():
     assert sizes.RunShape(TINY).resolved("cpu").prefill_chunk == 16
     assert sizes.RunShape(TINY).resolved("gpu").prefill_chunk == 512
     assert sizes.RunShape(TINY, prefill_chunk=0).resolved("gpu").prefill_chunk == 0
-    with pytest.raises(GrokError, match=r"prefill chunk must be a power of two.*24"):
+    with pytest.raises(GrokError, match="prefill chunk must be a power of two, or None for whole "
+                                         "prompts; got 24"):
         sizes.RunShape(TINY, prefill_chunk=24)
-    with pytest.raises(GrokError, match="deterministic steps need a prefill chunk"):
+    with pytest.raises(GrokError, match="deterministic steps prefill in chunks"):
         sizes.RunShape(TINY, prefill_chunk=0, deterministic=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill-chunk", "24"], "--prefill-chunk must be a power of two, or 0 for whole "
+                                "prompts; got 24"),
+    (["--prefill-chunk", "0", "--deterministic"], "--deterministic prefill in chunks"),
+])
+def test_grok_plan_names_its_step_flags(argv, message, capsys):
+    from grok.plan.__main__ import main
+
+    assert main(["--config", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err

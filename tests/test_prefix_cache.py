@@ -15,6 +15,7 @@ import pytest
 from test_generate import LOGPROB_TOL
 
 from grok import Grok
+from grok.engine.engine import Buckets, Engine
 from grok.engine.prefix_cache import BlockIndex, PrefixCacheSettings, block_keys
 from grok.engine.request import GenerationSettings
 from grok.engine.scheduler import Scheduler
@@ -97,28 +98,54 @@ def test_chunked_prefill_gives_the_tokens_of_whole_prefills(grok, baseline, chun
         assert_same(run(engine, PROMPTS, settings)[0], baseline[settings])
 
 
+def arrive(engine, arrivals: dict[int, list[int]], settings):
+    """Prompts submitted at the scheduler steps `arrivals` gives ({step: [prompt index]});
+    completions by prompt index, and the scheduler."""
+    scheduler = Scheduler(engine)
+    ids, out = {}, {}
+    for step in range(100):
+        ids.update({scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
+                    for i in arrivals.get(step, [])})
+        for event in scheduler.step():
+            if event.completion is not None:
+                out[ids[event.request_id]] = event.completion
+        if not scheduler.has_work:
+            return out, scheduler
+    raise AssertionError("did not finish")
+
+
+# Two requests decode while two more are prefilled 8 tokens a step: the 37-token prompt's
+# chunks ride alone in the decode steps at steps 1 and 2, then go in one prefill with the
+# 25-token prompt's (sent two steps later) at 3 to 5, whose last chunk rides alone at 6.
+ARRIVALS = {0: [5, 4], 1: [2], 3: [0]}  # step: prompts (30, 17; 37; 25 tokens)
+ORDER = [5, 4, 2, 0]
+
+
 def test_chunks_in_decode_steps_and_batched_give_the_tokens_of_whole_prefills(grok, baseline):
-    """Two requests decode while two more are prefilled 8 tokens a step: the 37-token
-    prompt's chunks ride alone in the decode steps, then go in one prefill with the
-    25-token prompt's (sent two steps later), whose last chunk rides alone again. All four
-    get the tokens of whole prefills, greedy and seeded."""
+    """All four requests of ARRIVALS get the tokens of whole prefills, greedy and seeded."""
     engine = grok.engine(SLOTS, MAX_LEN, prefill_chunk=8)
-    arrivals = {0: [5, 4], 1: [2], 3: [0]}  # step: prompts (30, 17; 37; 25 tokens)
     for settings in (GREEDY, SEEDED):
-        scheduler = Scheduler(engine)
-        ids, out = {}, {}
-        for step in range(100):
-            ids.update({scheduler.submit(engine.make_request(PROMPTS[i], settings)): i
-                        for i in arrivals.get(step, [])})
-            for event in scheduler.step():
-                if event.completion is not None:
-                    out[ids[event.request_id]] = event.completion
-            if not scheduler.has_work:
-                break
-        order = [5, 4, 2, 0]
-        assert_same([out[i] for i in order], [baseline[settings][i] for i in order])
-        # 37 tokens in chunks at steps 1 to 5, 25 at steps 3 to 6: alone at 1, 2 and 6.
+        out, scheduler = arrive(engine, ARRIVALS, settings)
+        assert_same([out[i] for i in ORDER], [baseline[settings][i] for i in ORDER])
         assert scheduler.stats.mixed_steps == 3
+
+
+def test_mixed_steps_on_a_coarser_row_ladder_give_the_same_tokens(grok, baseline):
+    """Mixed steps may pad their decode rows to a coarser ladder than decode steps
+    (`Buckets.mixed_row_ratio`, as accelerators do): the two decoding rows of ARRIVALS ride
+    with the chunks in a step of all 4 slots, whose padded rows change no one's tokens."""
+    engine = Engine(grok, SLOTS, MAX_LEN, prefill_chunk=8,
+                    buckets=Buckets(16, 16, None, mixed_row_ratio=4))
+    assert [k for k in engine.warmup_keys() if k[0] == "mixed"] == [("mixed", 1),
+                                                                     ("mixed", 4)]
+    assert [engine.mixed_rows_for(n) for n in (1, 2, 3, 4)] == [1, 4, 4, 4]
+    out, scheduler = arrive(engine, ARRIVALS, GREEDY)
+    assert_same([out[i] for i in ORDER], [baseline[GREEDY][i] for i in ORDER])
+    assert scheduler.stats.mixed_steps == 3
+    assert {k for k in engine.programs() if k[0] in ("decode", "mixed")} == {
+        ("decode", 2), ("decode", 4), ("mixed", 4)}
+    with pytest.raises(GrokError, match="mixed_row_ratio must be at least row_ratio"):
+        Buckets(16, 16, None, row_ratio=4, mixed_row_ratio=2)
 
 
 def test_warmup_covers_chunks_cached_prefixes_and_mixed_steps(grok):

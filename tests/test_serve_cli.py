@@ -75,6 +75,7 @@ def stop(procs: list[subprocess.Popen], timeout: float = 120) -> list[int]:
     (["--frobnicate"], "unrecognized arguments"),
     (["--prefill-chunk", "48"], "--prefill-chunk must be a power of two, or 0 for whole "
                                 "prompts; got 48"),
+    (["--prefill-chunk", "0", "--deterministic"], "--deterministic prefill in chunks"),
     (["--prefix-cache-blocks", "0"], r"--prefix-cache-blocks must be in \[1, 2\*\*24\]"),
 ])
 def test_bad_flags_exit_2_before_loading(argv, message, capsys):

@@ -99,21 +99,32 @@ class Buckets:
     min_attend: int  # smallest attention bucket
     prefill_tokens: int | None  # batch x length a batched prefill stays within; None: any
     row_ratio: int = 2  # consecutive row buckets (prefill batches, decode rows) differ so
+    # Consecutive row buckets of mixed steps (decode rows and a prompt chunk in one pass)
+    # differ so; None: as `row_ratio`. On accelerators a mixed step already carries a chunk
+    # of hundreds of tokens, so a coarser ladder costs it little (a padded row reads only
+    # its slot's cache, up to the step's attention bucket) and keeps chunking from adding
+    # more mixed programs than the prompt buckets past the chunk that it saves.
+    mixed_row_ratio: int | None = None
 
     def __post_init__(self):
-        for name in ("min_prompt", "min_attend", "prefill_tokens", "row_ratio"):
+        for name in ("min_prompt", "min_attend", "prefill_tokens", "row_ratio",
+                     "mixed_row_ratio"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1
                                       or value & (value - 1)):
                 raise GrokError(f"Buckets.{name} must be a power of two, got {value!r:.40}")
         if self.row_ratio < 2:
             raise GrokError(f"Buckets.row_ratio must be at least 2, got {self.row_ratio}")
+        if self.mixed_row_ratio is not None and self.mixed_row_ratio < self.row_ratio:
+            raise GrokError(f"Buckets.mixed_row_ratio must be at least row_ratio "
+                            f"({self.row_ratio}), got {self.mixed_row_ratio}")
 
     @classmethod
     def for_platform(cls, platform: str) -> Buckets:
         if platform == "cpu":
             return cls(MIN_BUCKET, MIN_BUCKET, None)
-        return cls(min_prompt=128, min_attend=1024, prefill_tokens=1024, row_ratio=4)
+        return cls(min_prompt=128, min_attend=1024, prefill_tokens=1024, row_ratio=4,
+                   mixed_row_ratio=16)
 
 
 class DecodeState(NamedTuple):
@@ -258,11 +269,9 @@ class Engine:
         self.cache_dtype = storage_dtype(platform)
         self.buckets = Buckets.for_platform(platform) if buckets is None else buckets
         self.log = log
-        sizes, n = {self.slots}, 1
-        while n < self.slots:
-            sizes.add(min(self.slots, sharding.padded_batch(grok.mesh, n)))
-            n *= self.buckets.row_ratio
-        self._row_buckets = tuple(sorted(sizes))
+        self._row_buckets = self._rows_ladder(self.buckets.row_ratio)
+        self._mixed_row_buckets = self._rows_ladder(self.buckets.mixed_row_ratio
+                                                    or self.buckets.row_ratio)
         self._attend_buckets = ((max_seq_len,) if deterministic
                                 else tuple(self._ladder(self.buckets.min_attend)))
         self._compiled: dict[tuple, object] = {}
@@ -291,6 +300,14 @@ class Engine:
         slots, each padded to the data axis."""
         return list(self._row_buckets)
 
+    def _rows_ladder(self, ratio: int) -> tuple[int, ...]:
+        """Powers of `ratio` up to the slots, each padded to the data axis, and the slots."""
+        sizes, n = {self.slots}, 1
+        while n < self.slots:
+            sizes.add(min(self.slots, sharding.padded_batch(self.grok.mesh, n)))
+            n *= ratio
+        return tuple(sorted(sizes))
+
     def _ladder(self, minimum: int) -> list[int]:
         out, n = [], min(minimum, self.max_seq_len)
         while True:
@@ -311,6 +328,10 @@ class Engine:
     def rows_for(self, n: int) -> int:
         """The compiled batch that holds `n` rows."""
         return next(b for b in self._row_buckets if b >= n)
+
+    def mixed_rows_for(self, n: int) -> int:
+        """The compiled mixed step (`prefill_and_generate`) that decodes `n` rows."""
+        return next(b for b in self._mixed_row_buckets if b >= n)
 
     def prompt_bucket(self, longest: int) -> int:
         if self.deterministic:
@@ -394,8 +415,8 @@ class Engine:
         costs its weight reads more than its rows, so the part adds little more than its
         own arithmetic, where a prefill step of its own would read the weights again. Arguments
         as `generate` (`filled` for the decoding rows); returns the new state, the decode
-        draws, the part's draw and its `PromptScores` (as `prefill`). Only while
-        `mixes`."""
+        draws, the part's draw and its `PromptScores` (as `prefill`). The step decodes
+        `mixed_rows_for(rows)` rows. Only while `mixes`."""
         if not self.mixes:
             raise ValueError("steps mix a prefill in only with a prefill chunk, outside "
                              "deterministic steps")
@@ -404,6 +425,7 @@ class Engine:
         if part.stop - part.start > length:
             raise ValueError(f"a mixed step's part holds at most {length} tokens, got "
                              f"{part[1:]}")
+        rows = self.mixed_rows_for(rows)
         arrays = self._prefill_arrays([part], self._row_buckets[0], length)
         args = (self.grok.params, state, active, self._token_masks(rows, masks),
                 self._reach_index(("mixed", rows), max(filled, part.stop)),
@@ -518,8 +540,8 @@ class Engine:
             keys += [("prefill", batch, length) for length in lengths
                      if batch <= self.max_prefill_batch(length)]
             keys.append(("decode", batch))
-            if self.mixes:
-                keys.append(("mixed", batch))
+        if self.mixes:
+            keys += [("mixed", rows) for rows in self._mixed_row_buckets]
         return keys + blocks
 
     def warmup(self, keys: Sequence[tuple] | None = None,
@@ -902,14 +924,16 @@ def default_prefill_chunk(platform: str) -> int:
     return CPU_PREFILL_CHUNK if platform == "cpu" else PREFILL_CHUNK
 
 
-def check_prefill_chunk(chunk: int | None) -> None:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                              or chunk < 1 or chunk & (chunk - 1)):
-        raise GrokError(f"prefill chunk must be a power of two (or off), got {chunk!r:.40}")
-
-
-def check_steps(prefill_chunk: int | None, deterministic: bool) -> None:
-    """An engine's step settings (None: whole prompts), checked before it is built."""
-    check_prefill_chunk(prefill_chunk)
+def check_steps(prefill_chunk: int | None, deterministic: bool, flags: bool = False) -> None:
+    """An engine's step settings (None: whole prompts), checked before it is built; with
+    `flags`, the messages name the command-line flags (where 0 means whole prompts)."""
+    chunk, off, exact = (("--prefill-chunk", "0", "--deterministic") if flags
+                         else ("prefill chunk", "None", "deterministic steps"))
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
+                                      or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < 1 or prefill_chunk & (prefill_chunk - 1)):
+        raise GrokError(f"{chunk} must be a power of two, or {off} for whole prompts; got "
+                        f"{prefill_chunk!r:.40}")
     if deterministic and prefill_chunk is None:
-        raise GrokError("deterministic steps need a prefill chunk (their one prefill shape)")
+        raise GrokError(f"{exact} prefill in chunks (their one prefill shape): give "
+                        f"{chunk} a power of two, not {off}")

@@ -88,6 +88,7 @@ def _plan(args):
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from grok.cli import AUTO
     from grok.config import resolve_config
+    from grok.engine.engine import check_steps
     from grok.engine.progress import ProgressLine
     from grok.plan import plan
     from grok.plan.sizes import RunShape
@@ -97,6 +98,8 @@ def _plan(args):
         if unknown:
             raise GrokError(f"--steps: expected kinds among {','.join(plan.PROGRAM_KINDS)}, "
                             f"found {','.join(unknown)}")
+    if args.prefill_chunk is not None:  # None: the platform's default, a chunk
+        check_steps(args.prefill_chunk or None, args.deterministic, flags=True)
     config = resolve_config(args.config)
     auto = args.max_batch == AUTO
     shape = RunShape(config, args.mesh, args.weights, args.layers, args.moe,

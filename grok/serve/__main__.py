@@ -25,7 +25,7 @@ from grok.config import resolve_config
 from grok.engine.engine import (
     CPU_PREFILL_CHUNK,
     PREFILL_CHUNK,
-    check_prefill_chunk,
+    check_steps,
     default_prefill_chunk,
 )
 from grok.errors import GrokError
@@ -108,14 +108,7 @@ def _check(args) -> tuple:
         args.max_batch = CPU_MAX_BATCH if cpu else AUTO
     if args.prefill_chunk is None:
         args.prefill_chunk = default_prefill_chunk(mesh.devices.flat[0].platform)
-    try:
-        check_prefill_chunk(args.prefill_chunk or None)
-    except GrokError:
-        raise GrokError(f"--prefill-chunk must be a power of two, or 0 for whole prompts; got "
-                        f"{args.prefill_chunk}") from None
-    if args.deterministic and not args.prefill_chunk:
-        raise GrokError("--deterministic prefills in chunks: give --prefill-chunk a power of "
-                        "two, not 0")
+    check_steps(args.prefill_chunk or None, args.deterministic, flags=True)
     cli.check_prefix_cache_flags(args)
     from grok.plan.sizes import RunShape, check_fits
 
