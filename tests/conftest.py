@@ -13,11 +13,17 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# Commands under test keep compiled programs here rather than in the user's cache folder
-# (shared by the whole run, so later runs of a shape load instead of compiling).
+# Compiled programs go here rather than in the user's cache folder, for commands under test
+# and for this process alike: test modules load the same fixture at the same shapes, so
+# later modules load many of their programs instead of compiling them (compiling is most
+# of the suite's time).
 if "GROK_COMPILATION_CACHE" not in os.environ:
     os.environ["GROK_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="grok-test-xla-")
     atexit.register(shutil.rmtree, os.environ["GROK_COMPILATION_CACHE"], ignore_errors=True)
+
+from grok import compilation  # after the flags above: jax reads them as it starts
+
+compilation.enable(os.environ["GROK_COMPILATION_CACHE"])
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
